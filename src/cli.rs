@@ -1,0 +1,110 @@
+//! Command-line arguments, converted into the library's plain configuration before any work.
+
+use clap::{Args, Parser, Subcommand};
+
+/// A tube between two Unix pipes: pipe bytes between hosts through a Redis-protocol relay.
+///
+/// Both ends connect to a relay they can both reach (a Redis server, or `tube relay`), so
+/// neither needs to accept connections: NAT and firewalls stay closed.
+#[derive(Debug, Parser)]
+#[command(name = "tube", version, about, long_about = None)]
+#[command(after_help = "Exit status: 0 success; 1 error; 2 usage error; 3 the session was \
+interrupted by its writer; 4 the writer vanished; 5 the stream is corrupt; 130/143 tube itself \
+was stopped by SIGINT/SIGTERM.")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Relay URL: redis://[user[:password]@]host[:port][/db] or unix:///path/to/socket.
+    /// A password is better given in TUBE_PASSWORD than on the command line.
+    #[arg(long, global = true, env = "TUBE_URL", default_value = tube::DEFAULT_URL, hide_env_values = true)]
+    pub url: String,
+    /// Prefix of every key tube writes on the relay.
+    #[arg(long, global = true, env = "TUBE_PREFIX", default_value = tube::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// More log output on stderr (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy stdin into a channel, as one session; ends when stdin ends.
+    Write(WriteArgs),
+    /// Copy a channel to stdout: its latest session, or every session with --follow.
+    Read(ReadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// Channel name (up to 200 bytes; no control characters or braces).
+    pub channel: String,
+    /// Largest record: data read while earlier appends are in flight is joined up to this
+    /// size (suffixes k, M: 256k, 1M).
+    #[arg(long, value_parser = parse_size, default_value = "256k")]
+    pub chunk_size: usize,
+    /// Appends in flight at most; more keeps distant relays busy.
+    #[arg(long, default_value_t = tube::writer::DEFAULT_WINDOW as u16, value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub window: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// Channel name.
+    pub channel: String,
+    /// Go on into later sessions instead of ending with the first, like `tail -F`.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+/// Parses a byte size with an optional binary suffix: `65536`, `64k`, `1M`, `1GiB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 65536, 64k, 1M)"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{s:?} has an unknown unit (use k, M or G)")),
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is out of range"))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12q").is_err());
+        assert!(parse_size("k").is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! Connections to the relay: address handling, the handshake, and error mapping.
+//!
+//! Everything that talks to the relay goes through [`Conn`], so that every failure is mapped
+//! to one [`Error`] that names the relay by its address, never by its URL (which may hold a
+//! password).
+
+use crate::error::{Error, Result};
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue,
+    IntoConnectionInfo, RedisError, Value,
+};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default relay URL: a relay on this machine's standard Redis port.
+pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+
+/// How long connecting and the first answer may take before the relay counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an ordinary command may wait for its answer.
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where the relay is and how to log in to it.
+#[derive(Clone)]
+pub struct RelayConfig {
+    info: ConnectionInfo,
+    addr: Arc<str>,
+}
+
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Deliberately omits the credentials.
+        f.debug_struct("RelayConfig")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayConfig {
+    /// Parses a relay URL: `redis://[user[:password]@]host[:port][/db]`,
+    /// `unix:///path/to/socket` or `redis+unix:///path/to/socket`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`], which shows the URL with its password replaced by `***`.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let invalid = || Error::InvalidUrl {
+            url: redact_url(url),
+        };
+        if !(url.starts_with("redis://")
+            || url.starts_with("unix://")
+            || url.starts_with("redis+unix://"))
+        {
+            return Err(invalid());
+        }
+        let info = url.into_connection_info().map_err(|_| invalid())?;
+        let addr = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                if host.is_empty() {
+                    return Err(invalid());
+                }
+                if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                }
+            }
+            ConnectionAddr::Unix(path) => path.display().to_string(),
+            _ => return Err(invalid()),
+        };
+        let redis = info.redis_settings().clone().set_skip_set_lib_name();
+        Ok(Self {
+            info: info.set_redis_settings(redis),
+            addr: addr.into(),
+        })
+    }
+
+    /// Uses `password` instead of any password in the URL.
+    pub fn with_password(mut self, password: &str) -> Self {
+        let redis = self.info.redis_settings().clone().set_password(password);
+        self.info = self.info.set_redis_settings(redis);
+        self
+    }
+
+    /// The relay's address for messages: `host:port` or a socket path, never credentials.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Opens a connection and checks that a Redis-protocol server answers on it.
+    pub(crate) async fn connect(&self) -> Result<Conn> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            // tube sets its own deadlines per command: a blocking read must be able to wait.
+            .set_response_timeout(None)
+            .set_pipeline_buffer_size(PIPELINE_BUFFER);
+        let client = redis::Client::open(self.info.clone()).map_err(|e| Error::InvalidUrl {
+            url: format!("for {} ({})", self.addr, e.category()),
+        })?;
+        let connecting = client.get_multiplexed_async_connection_with_config(&config);
+        let inner = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(self.connect_error(&e)),
+            Err(_) => {
+                return Err(Error::Unreachable {
+                    addr: self.addr.to_string(),
+                    reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+                });
+            }
+        };
+        let mut conn = Conn {
+            inner,
+            addr: self.addr.clone(),
+        };
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(CONNECT_TIMEOUT, conn.inner.send_packed_command(&ping)).await {
+            Ok(Ok(Value::SimpleString(s))) if s == "PONG" => {}
+            Ok(Ok(other)) => {
+                return Err(Error::NotRedis {
+                    addr: self.addr.to_string(),
+                    reason: format!("PING was answered with {}", describe(&other)),
+                });
+            }
+            Ok(Err(e)) => return Err(self.connect_error(&e)),
+            Err(_) => {
+                return Err(Error::NotRedis {
+                    addr: self.addr.to_string(),
+                    reason: format!("no answer to PING within {} s", CONNECT_TIMEOUT.as_secs()),
+                });
+            }
+        }
+        conn.inner.set_response_timeout(COMMAND_TIMEOUT);
+        Ok(conn)
+    }
+
+    fn connect_error(&self, e: &RedisError) -> Error {
+        let addr = self.addr.to_string();
+        let reason = error_text(e);
+        if is_auth_error(e) {
+            Error::Auth { addr, reason }
+        } else if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() {
+            if e.is_connection_dropped() {
+                Error::NotRedis {
+                    addr,
+                    reason: "the connection was closed without a Redis answer".into(),
+                }
+            } else {
+                Error::Unreachable { addr, reason }
+            }
+        } else if matches!(e.kind(), redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType) {
+            Error::NotRedis { addr, reason }
+        } else {
+            Error::Relay { addr, reason }
+        }
+    }
+}
+
+/// Room in the connection's request queue. Larger than any number of requests tube keeps in
+/// flight, so that queuing a request never waits, which keeps requests in issue order.
+pub(crate) const PIPELINE_BUFFER: usize = 1024;
+
+fn is_auth_error(e: &RedisError) -> bool {
+    matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        || e.to_string().contains("invalid password")
+}
+
+fn error_text(e: &RedisError) -> String {
+    let text = e.to_string();
+    // The client library's messages sometimes repeat the kind; keep one line.
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::SimpleString(s) => format!("{:?}", truncate(s)),
+        Value::BulkString(b) => format!("{:?}", truncate(&String::from_utf8_lossy(b))),
+        other => format!("{:?}", other).chars().take(60).collect(),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(60).collect()
+}
+
+/// Replaces the password of a URL, if any, with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return if url.contains('@') {
+            "***".into()
+        } else {
+            url.into()
+        };
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                // A lone userinfo is the password in redis:// URLs.
+                "***".into()
+            };
+            format!("{scheme}://{shown}@{}{path}", &authority[at + 1..])
+        }
+        None => url.into(),
+    }
+}
+
+/// A connection to the relay that maps every failure to [`Error`].
+#[derive(Clone)]
+pub(crate) struct Conn {
+    inner: MultiplexedConnection,
+    addr: Arc<str>,
+}
+
+impl Conn {
+    /// Sends one command and converts its answer.
+    pub(crate) async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T> {
+        let value = self
+            .inner
+            .send_packed_command(cmd)
+            .await
+            .map_err(|e| self.error(&e))?;
+        T::from_redis_value(value).map_err(|e| self.error(&e.into()))
+    }
+
+    /// Sends one command without a deadline (for blocking reads).
+    pub(crate) async fn query_unbounded<T: FromRedisValue>(
+        &mut self,
+        cmd: &Cmd,
+        deadline: Duration,
+    ) -> Result<T> {
+        let mut inner = self.inner.clone();
+        inner.set_response_timeout(deadline);
+        let value = inner
+            .send_packed_command(cmd)
+            .await
+            .map_err(|e| self.error(&e))?;
+        T::from_redis_value(value).map_err(|e| self.error(&e.into()))
+    }
+
+    /// The underlying connection, for pipelined appends.
+    pub(crate) fn raw(&self) -> MultiplexedConnection {
+        let mut c = self.inner.clone();
+        c.set_response_timeout(COMMAND_TIMEOUT);
+        c
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Maps a client-library error.
+    pub(crate) fn error(&self, e: &RedisError) -> Error {
+        let addr = self.addr.to_string();
+        let reason = error_text(e);
+        if is_auth_error(e) {
+            Error::Auth { addr, reason }
+        } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+            Error::Connection { addr, reason }
+        } else {
+            Error::Relay { addr, reason }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:secret@host:1/0"),
+            "redis://user:***@host:1/0"
+        );
+        assert_eq!(redact_url("redis://:secret@host"), "redis://:***@host");
+        assert_eq!(redact_url("redis://secret@host"), "redis://***@host");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact_url("garbage:pw@x"), "***");
+    }
+
+    #[test]
+    fn invalid_urls_never_show_the_password() {
+        let err = RelayConfig::from_url("http://user:hunter2@host").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = RelayConfig::from_url("redis://user:hunter2@host:notaport").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn addresses_are_shown_without_credentials() {
+        let c = RelayConfig::from_url("redis://u:pw@example.org:7000/2").unwrap();
+        assert_eq!(c.addr(), "example.org:7000");
+        assert!(!format!("{c:?}").contains("pw"));
+        let c = RelayConfig::from_url("unix:///tmp/r.sock").unwrap();
+        assert_eq!(c.addr(), "/tmp/r.sock");
+    }
+}
+
+impl Conn {
+    /// Sends a pipeline of commands and converts the answers.
+    pub(crate) async fn pipe<T: FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> Result<T> {
+        pipe.query_async(&mut self.inner)
+            .await
+            .map_err(|e| self.error(&e))
+    }
+}

@@ -1,0 +1,28 @@
+//! tube: a tube between two Unix pipes.
+//!
+//! Bytes written into a channel on one host come out of it on another, through a relay both
+//! can reach: a Redis server (its Streams), any server that speaks its protocol, or tube's
+//! own relay.
+//!
+//! # Layout
+//! - [`channel`]: channel names and the relay keys of a channel.
+//! - [`record`]: the on-relay record format (`docs/PROTOCOL.md`).
+//! - [`client`]: connecting to the relay; errors that never show a password.
+//! - [`writer`]: [`Writer`], one session of a channel, pipelined appends, the writer's lease.
+//! - [`reader`]: [`Reader`], batched reads, every record checked.
+//! - [`error`]: [`Error`], one type for everything that can go wrong.
+
+pub mod channel;
+pub mod client;
+pub mod error;
+pub mod reader;
+pub mod record;
+mod session;
+pub mod writer;
+
+pub use channel::{Channel, DEFAULT_PREFIX};
+pub use client::{DEFAULT_URL, RelayConfig};
+pub use error::{Error, Result};
+pub use reader::{ReadOptions, Reader};
+pub use record::EndStatus;
+pub use writer::{Summary, WriteOptions, Writer};

@@ -1,0 +1,360 @@
+//! The on-relay record format, version 1 (see `docs/PROTOCOL.md`).
+//!
+//! Every stream entry holds one field, `r`, whose value is one record: a fixed 20-byte header
+//! and a payload. The stream ID of the entry is `SESSION-SEQ`, the same two numbers the
+//! header carries, so a retried append can never land twice or out of order: the relay
+//! refuses an ID that is not greater than the last one.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt;
+
+/// Protocol version written in every record header.
+pub const VERSION: u8 = 1;
+/// Bytes of the fixed record header.
+pub const HEADER_LEN: usize = 20;
+/// Name of the single field of each stream entry.
+pub const FIELD: &str = "r";
+/// Length of the whole-stream digest carried by the end record (BLAKE3).
+pub const DIGEST_LEN: usize = 32;
+/// Begin-record option tags at or above this value must be understood by a reader; lower
+/// ones may be skipped. This lets later versions add hints without breaking old readers,
+/// and add features old readers must refuse.
+pub const CRITICAL_TAG: u8 = 0x80;
+
+const TAG_TOKEN: u8 = 0x01;
+const TAG_STARTED: u8 = 0x02;
+const TAG_MAX_PAYLOAD: u8 = 0x03;
+
+/// Record kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// First record of a session (sequence 0): who writes and how.
+    Begin = 1,
+    /// A piece of the byte stream.
+    Data = 2,
+    /// Last record of a session: how it ended, total length, digest.
+    End = 3,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EndStatus {
+    /// The writer's input ended: the stream is complete.
+    Complete = 0,
+    /// The writer was stopped (SIGINT/SIGTERM) before its input ended.
+    Interrupted = 1,
+}
+
+/// What a begin record says about its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begin {
+    /// Random token of the writer; the writer's lease holds the same value while it lives.
+    pub token: [u8; 16],
+    /// When the session started, in milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// Largest data payload the writer will append, so readers can size their batches.
+    pub max_payload: u32,
+}
+
+/// What an end record says about its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct End {
+    /// Whether the input ended or the writer was interrupted.
+    pub status: EndStatus,
+    /// Total payload bytes of the session.
+    pub total_len: u64,
+    /// BLAKE3 of the whole session's bytes.
+    pub digest: [u8; DIGEST_LEN],
+}
+
+/// A decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Session number (the high part of the entry's stream ID).
+    pub session: u64,
+    /// Sequence number within the session: 0 for begin, then 1, 2, ...
+    pub seq: u64,
+    /// What the record carries.
+    pub body: Body,
+}
+
+/// The kind-specific part of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// See [`Begin`].
+    Begin(Begin),
+    /// A piece of the stream.
+    Data(Bytes),
+    /// See [`End`].
+    End(End),
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than its fixed parts.
+    Truncated,
+    /// Written by a newer protocol version.
+    Version(u8),
+    /// A kind this version does not know.
+    Kind(u8),
+    /// Flag bits this version does not know.
+    Flags(u8),
+    /// A begin record option that must be understood but is not.
+    CriticalOption(u8),
+    /// Anything else malformed.
+    Malformed(&'static str),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Truncated => f.write_str("record is truncated"),
+            Self::Version(v) => write!(
+                f,
+                "record has protocol version {v}, this tube reads version {VERSION}: upgrade tube"
+            ),
+            Self::Kind(k) => write!(f, "record has unknown kind {k}"),
+            Self::Flags(x) => write!(f, "record has unknown flags {x:#04x}"),
+            Self::CriticalOption(t) => write!(
+                f,
+                "session uses feature {t:#04x} that this tube does not support: upgrade tube"
+            ),
+            Self::Malformed(what) => write!(f, "record is malformed: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// The stream ID of a record: `SESSION-SEQ`.
+pub fn entry_id(session: u64, seq: u64) -> String {
+    format!("{session}-{seq}")
+}
+
+/// Parses a stream ID of the form `MS-SEQ`.
+pub fn parse_entry_id(id: &[u8]) -> Option<(u64, u64)> {
+    let s = std::str::from_utf8(id).ok()?;
+    let (a, b) = s.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+fn header(buf: &mut BytesMut, kind: Kind, session: u64, seq: u64) {
+    buf.put_u8(VERSION);
+    buf.put_u8(kind as u8);
+    buf.put_u8(0); // flags
+    buf.put_u8(0); // reserved
+    buf.put_u64(session);
+    buf.put_u64(seq);
+}
+
+/// Encodes a begin record.
+pub fn encode_begin(session: u64, begin: &Begin) -> Bytes {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + 40);
+    header(&mut buf, Kind::Begin, session, 0);
+    put_option(&mut buf, TAG_TOKEN, &begin.token);
+    put_option(&mut buf, TAG_STARTED, &begin.started_ms.to_be_bytes());
+    put_option(&mut buf, TAG_MAX_PAYLOAD, &begin.max_payload.to_be_bytes());
+    buf.freeze()
+}
+
+fn put_option(buf: &mut BytesMut, tag: u8, value: &[u8]) {
+    buf.put_u8(tag);
+    buf.put_u16(u16::try_from(value.len()).expect("option fits u16"));
+    buf.put_slice(value);
+}
+
+/// Writes the header of a data record into `buf`; the payload follows it.
+pub fn encode_data_header(buf: &mut BytesMut, session: u64, seq: u64) {
+    header(buf, Kind::Data, session, seq);
+}
+
+/// Encodes a data record (header and payload in one buffer).
+pub fn encode_data(session: u64, seq: u64, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + payload.len());
+    encode_data_header(&mut buf, session, seq);
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// Encodes an end record.
+pub fn encode_end(session: u64, seq: u64, end: &End) -> Bytes {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + 1 + 8 + DIGEST_LEN);
+    header(&mut buf, Kind::End, session, seq);
+    buf.put_u8(end.status as u8);
+    buf.put_u64(end.total_len);
+    buf.put_slice(&end.digest);
+    buf.freeze()
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+/// Decodes one record. Never panics, whatever the input.
+pub fn decode(raw: Bytes) -> Result<Record, DecodeError> {
+    if raw.len() < HEADER_LEN {
+        return Err(if raw.first().is_some_and(|v| *v > VERSION) {
+            DecodeError::Version(raw[0])
+        } else {
+            DecodeError::Truncated
+        });
+    }
+    if raw[0] != VERSION {
+        return Err(DecodeError::Version(raw[0]));
+    }
+    let flags = raw[2];
+    if flags != 0 {
+        return Err(DecodeError::Flags(flags));
+    }
+    if raw[3] != 0 {
+        return Err(DecodeError::Malformed("reserved header byte is not zero"));
+    }
+    let session = be_u64(&raw[4..12]);
+    let seq = be_u64(&raw[12..20]);
+    let body = match raw[1] {
+        k if k == Kind::Begin as u8 => Body::Begin(decode_begin(&raw[HEADER_LEN..])?),
+        k if k == Kind::Data as u8 => Body::Data(raw.slice(HEADER_LEN..)),
+        k if k == Kind::End as u8 => Body::End(decode_end(&raw[HEADER_LEN..])?),
+        k => return Err(DecodeError::Kind(k)),
+    };
+    Ok(Record { session, seq, body })
+}
+
+fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
+    let mut token = None;
+    let mut started_ms = None;
+    let mut max_payload = None;
+    while !p.is_empty() {
+        if p.len() < 3 {
+            return Err(DecodeError::Truncated);
+        }
+        let tag = p[0];
+        let len = usize::from(u16::from_be_bytes([p[1], p[2]]));
+        let value = p.get(3..3 + len).ok_or(DecodeError::Truncated)?;
+        match tag {
+            TAG_TOKEN => {
+                token = Some(
+                    value
+                        .try_into()
+                        .map_err(|_| DecodeError::Malformed("token is not 16 bytes"))?,
+                )
+            }
+            TAG_STARTED if len == 8 => started_ms = Some(be_u64(value)),
+            TAG_MAX_PAYLOAD if len == 4 => {
+                max_payload = Some(u32::from_be_bytes(value.try_into().expect("4 bytes")))
+            }
+            TAG_STARTED | TAG_MAX_PAYLOAD => {
+                return Err(DecodeError::Malformed("begin option has the wrong length"));
+            }
+            t if t >= CRITICAL_TAG => return Err(DecodeError::CriticalOption(t)),
+            _ => {} // an optional hint from a later version: skip it
+        }
+        p = &p[3 + len..];
+    }
+    Ok(Begin {
+        token: token.ok_or(DecodeError::Malformed("begin record has no writer token"))?,
+        started_ms: started_ms.unwrap_or(0),
+        max_payload: max_payload.unwrap_or(0),
+    })
+}
+
+fn decode_end(p: &[u8]) -> Result<End, DecodeError> {
+    if p.len() != 1 + 8 + DIGEST_LEN {
+        return Err(DecodeError::Malformed("end record has the wrong length"));
+    }
+    let status = match p[0] {
+        0 => EndStatus::Complete,
+        1 => EndStatus::Interrupted,
+        _ => return Err(DecodeError::Malformed("end record has an unknown status")),
+    };
+    Ok(End {
+        status,
+        total_len: be_u64(&p[1..9]),
+        digest: p[9..].try_into().expect("32 bytes"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn data_record_layout_is_stable() {
+        let r = encode_data(7, 9, b"hi");
+        assert_eq!(
+            &r[..],
+            &[1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 9, b'h', b'i']
+        );
+    }
+
+    #[test]
+    fn newer_versions_are_named() {
+        let mut r = encode_data(1, 1, b"x").to_vec();
+        r[0] = 2;
+        assert_eq!(decode(r.into()), Err(DecodeError::Version(2)));
+    }
+
+    #[test]
+    fn unknown_optional_begin_options_are_skipped_and_critical_ones_refused() {
+        let begin = Begin {
+            token: [3; 16],
+            started_ms: 5,
+            max_payload: 1024,
+        };
+        let mut raw = encode_begin(4, &begin).to_vec();
+        raw.extend_from_slice(&[0x10, 0, 2, 9, 9]);
+        let rec = decode(raw.clone().into()).unwrap();
+        assert_eq!(rec.body, Body::Begin(begin));
+        raw.extend_from_slice(&[0x90, 0, 0]);
+        assert_eq!(decode(raw.into()), Err(DecodeError::CriticalOption(0x90)));
+    }
+
+    #[test]
+    fn entry_ids_round_trip() {
+        assert_eq!(entry_id(3, 17), "3-17");
+        assert_eq!(parse_entry_id(b"3-17"), Some((3, 17)));
+        assert_eq!(parse_entry_id(b"3"), None);
+        assert_eq!(parse_entry_id(b"a-1"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn data_round_trips(session in 1u64.., seq in 1u64.., payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let rec = decode(encode_data(session, seq, &payload)).unwrap();
+            prop_assert_eq!(rec, Record { session, seq, body: Body::Data(Bytes::from(payload)) });
+        }
+
+        #[test]
+        fn begin_round_trips(session in 1u64.., token in any::<[u8; 16]>(), started_ms in any::<u64>(), max_payload in any::<u32>()) {
+            let begin = Begin { token, started_ms, max_payload };
+            let rec = decode(encode_begin(session, &begin)).unwrap();
+            prop_assert_eq!(rec, Record { session, seq: 0, body: Body::Begin(begin) });
+        }
+
+        #[test]
+        fn end_round_trips(session in 1u64.., seq in 1u64.., interrupted in any::<bool>(), total_len in any::<u64>(), digest in any::<[u8; 32]>()) {
+            let status = if interrupted { EndStatus::Interrupted } else { EndStatus::Complete };
+            let end = End { status, total_len, digest };
+            let rec = decode(encode_end(session, seq, &end)).unwrap();
+            prop_assert_eq!(rec, Record { session, seq, body: Body::End(end) });
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(Bytes::from(raw));
+        }
+
+        #[test]
+        fn decoding_mutated_records_never_panics(pos in 0usize..64, byte in any::<u8>(), cut in 0usize..64) {
+            let mut raw = encode_begin(1, &Begin { token: [1; 16], started_ms: 2, max_payload: 3 }).to_vec();
+            let len = raw.len();
+            raw[pos % len] = byte;
+            raw.truncate(len - cut % len);
+            let _ = decode(Bytes::from(raw));
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! What a channel looks like on the relay, and the checks every writer and reader makes
+//! before touching it.
+
+use crate::channel::Channel;
+use crate::client::Conn;
+use crate::error::{Error, Result};
+
+/// Protocol version stored in the channel's meta hash.
+pub(crate) const META_PROTO: &str = "1";
+
+/// A writer's lease value: its token as 32 lowercase hex digits.
+pub(crate) fn lease_value(token: &[u8; 16]) -> String {
+    token.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether a value found in a writer key is one tube wrote.
+pub(crate) fn is_lease_value(v: &[u8]) -> bool {
+    v.len() == 32 && v.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The channel's state as the relay holds it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ChannelState {
+    /// Latest session number, 0 when no session ever started.
+    pub latest_session: u64,
+    /// The live writer's lease value, if any.
+    pub lease: Option<Vec<u8>>,
+}
+
+/// Reads the channel's keys and checks that each is absent or tube's.
+///
+/// # Errors
+/// [`Error::ForeignKey`] when a key of the channel's name holds something tube did not
+/// write; [`Error::NewerProtocol`] when a newer tube wrote the channel.
+pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelState> {
+    let (stream, meta, writer) = (ch.stream_key(), ch.meta_key(), ch.writer_key());
+    // GET on a key of another type fails, which would hide the clearer foreign-key error:
+    // ask for the types first.
+    let (ts, tm, tw): (String, String, String) = {
+        let mut types = redis::pipe();
+        types.cmd("TYPE").arg(&stream);
+        types.cmd("TYPE").arg(&meta);
+        types.cmd("TYPE").arg(&writer);
+        conn.pipe(&types).await?
+    };
+    for (key, kind, want) in [(&stream, &ts, "stream"), (&meta, &tm, "hash"), (&writer, &tw, "string")] {
+        if kind != "none" && kind != want {
+            return Err(Error::ForeignKey {
+                key: key.clone(),
+                kind: kind.clone(),
+            });
+        }
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("HMGET").arg(&meta).arg("proto").arg("session");
+    pipe.cmd("GET").arg(&writer);
+    let ((proto, session), lease): ((Option<String>, Option<String>), Option<Vec<u8>>) =
+        conn.pipe(&pipe).await?;
+    if tm == "hash" {
+        match proto.as_deref() {
+            Some(META_PROTO) => {}
+            Some(v) if v.parse::<u64>().is_ok_and(|v| v > 1) => {
+                return Err(Error::NewerProtocol {
+                    channel: ch.name().into(),
+                    version: v.into(),
+                });
+            }
+            _ => {
+                return Err(Error::ForeignKey {
+                    key: meta,
+                    kind: "hash without tube's fields".into(),
+                });
+            }
+        }
+    }
+    if let Some(v) = &lease {
+        if !is_lease_value(v) {
+            return Err(Error::ForeignKey {
+                key: writer,
+                kind: "string that is not a tube lease".into(),
+            });
+        }
+    }
+    let latest_session = match session {
+        None => 0,
+        Some(s) => s.parse().map_err(|_| Error::ForeignKey {
+            key: ch.meta_key(),
+            kind: "hash with a malformed session field".into(),
+        })?,
+    };
+    Ok(ChannelState {
+        latest_session,
+        lease,
+    })
+}
