@@ -42,6 +42,27 @@ pub enum Command {
     Write(WriteArgs),
     /// Copy a channel to stdout: its latest session, or every session with --follow.
     Read(ReadArgs),
+    /// Run a relay: a server that speaks the Redis protocol for the commands tube uses,
+    /// keeping data in memory. For when there is no Redis at hand.
+    Relay(RelayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Address to listen on. The default is loopback only; use 0.0.0.0:6379 to serve others.
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    pub listen: String,
+    /// File whose first line is the password clients must give (AUTH). The password can also
+    /// come from TUBE_RELAY_PASSWORD.
+    #[arg(long)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// Listen on a non-loopback address without a password.
+    #[arg(long)]
+    pub allow_no_password: bool,
+    /// Most bytes of data the relay holds; writes past it are refused (suffixes k, M, G).
+    /// Default: a quarter of physical memory, at most 1G.
+    #[arg(long, value_parser = parse_size)]
+    pub max_memory: Option<usize>,
 }
 
 #[derive(Debug, Args)]

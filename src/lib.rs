@@ -10,6 +10,7 @@
 //! - [`client`]: connecting to the relay; errors that never show a password.
 //! - [`writer`]: [`Writer`], one session of a channel, pipelined appends, the writer's lease.
 //! - [`reader`]: [`Reader`], batched reads, every record checked.
+//! - [`relay`]: `tube relay`, the built-in Redis-protocol relay.
 //! - [`error`]: [`Error`], one type for everything that can go wrong.
 
 pub mod channel;
@@ -17,6 +18,7 @@ pub mod client;
 pub mod error;
 pub mod reader;
 pub mod record;
+pub mod relay;
 mod session;
 pub mod writer;
 

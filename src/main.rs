@@ -4,7 +4,7 @@ mod cli;
 mod stdio;
 
 use clap::Parser;
-use cli::{Cli, Command, Common, ReadArgs, WriteArgs};
+use cli::{Cli, Command, Common, ReadArgs, RelayArgs, WriteArgs};
 use std::io;
 use std::process::ExitCode;
 use tokio::signal::unix::{SignalKind, signal};
@@ -86,6 +86,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Write(args) => write(&cli.common, args).await,
         Command::Read(args) => read(&cli.common, args).await,
+        Command::Relay(args) => relay(args).await,
     }
 }
 
@@ -214,4 +215,52 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
         Err(e) => return Err(Error::Io(io::Error::other(e))),
     }
     outcome.map(|()| ExitCode::SUCCESS)
+}
+
+async fn relay(args: RelayArgs) -> Result<ExitCode, Error> {
+    let password = match (&args.password_file, std::env::var("TUBE_RELAY_PASSWORD")) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::Io(io::Error::new(
+                    e.kind(),
+                    format!("reading the password file {}: {e}", path.display()),
+                ))
+            })?;
+            Some(text.lines().next().unwrap_or_default().to_string())
+        }
+        (None, Ok(pw)) => Some(pw),
+        (None, Err(_)) => None,
+    }
+    .filter(|pw| !pw.is_empty());
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| {
+        let hint = if e.kind() == io::ErrorKind::AddrInUse {
+            format!(
+                " (a Redis server may already be running there; tube can use it directly: --url redis://{})",
+                args.listen
+            )
+        } else {
+            String::new()
+        };
+        Error::Io(io::Error::new(
+            e.kind(),
+            format!("cannot listen on {}: {e}{hint}", args.listen),
+        ))
+    })?;
+    let local = listener.local_addr()?;
+    if password.is_none() && !local.ip().is_loopback() && !args.allow_no_password {
+        return Err(Error::Io(io::Error::other(format!(
+            "refusing to listen on {local} without a password: set TUBE_RELAY_PASSWORD or \
+             --password-file, or pass --allow-no-password"
+        ))));
+    }
+    let opts = tube::relay::RelayOptions {
+        password,
+        max_memory: args
+            .max_memory
+            .unwrap_or_else(tube::relay::default_max_memory),
+    };
+    tracing::info!("relay listening on {local}");
+    let (stop, _) = watch_signals()?;
+    tube::relay::serve(listener, opts, async move { stop.cancelled().await }).await?;
+    Ok(ExitCode::SUCCESS)
 }

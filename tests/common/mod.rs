@@ -1,0 +1,399 @@
+//! Test harness: real relays on free ports, the real `tube` binary, deadlines everywhere.
+//!
+//! Every test starts its own relay (a `redis-server` or a `tube relay`) and stops it when the
+//! guard drops; nothing here touches the shared server on port 6379.
+#![allow(dead_code)]
+
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which relay a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayKind {
+    /// A real `redis-server`.
+    Redis,
+    /// tube's built-in relay.
+    Tube,
+}
+
+/// A relay process, killed when dropped. Its log is printed if the test failed.
+pub struct TestRelay {
+    pub kind: RelayKind,
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    password: Option<String>,
+}
+
+/// Options for starting a relay.
+#[derive(Default, Clone)]
+pub struct RelaySpec {
+    pub password: Option<String>,
+    /// Extra arguments for the relay process.
+    pub extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+pub fn tube_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tube"))
+}
+
+impl TestRelay {
+    pub fn start(kind: RelayKind) -> Self {
+        Self::start_with(kind, RelaySpec::default())
+    }
+
+    pub fn start_with(kind: RelayKind, spec: RelaySpec) -> Self {
+        // A port found free can be taken before the relay binds it: try a few.
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let port = free_port();
+            let log = dir.path().join("relay.log");
+            let mut cmd = match kind {
+                RelayKind::Redis => {
+                    let mut c = Command::new("redis-server");
+                    c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                        .args(["--save", "", "--appendonly", "no"])
+                        .arg("--dir")
+                        .arg(dir.path())
+                        .arg("--logfile")
+                        .arg(&log);
+                    if let Some(pw) = &spec.password {
+                        c.args(["--requirepass", pw]);
+                    }
+                    c.args(&spec.extra);
+                    c.stdout(Stdio::null()).stderr(Stdio::null());
+                    c
+                }
+                RelayKind::Tube => {
+                    let mut c = Command::new(tube_bin());
+                    c.args(["relay", "--listen", &format!("127.0.0.1:{port}")]);
+                    c.args(&spec.extra);
+                    c.env_remove("TUBE_RELAY_PASSWORD");
+                    if let Some(pw) = &spec.password {
+                        c.env("TUBE_RELAY_PASSWORD", pw);
+                    }
+                    let logf = std::fs::File::create(&log).expect("log file");
+                    c.stdout(Stdio::null()).stderr(logf);
+                    c
+                }
+            };
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) if kind == RelayKind::Redis && e.kind() == std::io::ErrorKind::NotFound => {
+                    panic!(
+                        "redis-server is not installed: run `apt-get install -y redis-server` (CI's .ci/run does)"
+                    )
+                }
+                Err(e) => panic!("cannot start {kind:?} relay: {e}"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Self {
+                        kind,
+                        port,
+                        child: Some(child),
+                        dir,
+                        password: spec.password.clone(),
+                    };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            last_log = std::fs::read_to_string(&log).unwrap_or_default();
+        }
+        panic!("the {kind:?} relay did not start; its log:\n{last_log}");
+    }
+
+    /// The relay's URL, without credentials (tests pass the password in TUBE_PASSWORD).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A synchronous admin connection to inspect or tamper with the relay's keys.
+    pub fn admin(&self) -> redis::Connection {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(self.url()).unwrap();
+        if let Some(pw) = &self.password {
+            let r = info.redis_settings().clone().set_password(pw);
+            info = info.set_redis_settings(r);
+        }
+        redis::Client::open(info)
+            .and_then(|c| c.get_connection())
+            .expect("admin connection to the relay")
+    }
+
+    /// A `tube` command pointed at this relay.
+    pub fn tube(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(tube_bin());
+        c.args(args)
+            .env("TUBE_URL", self.url())
+            .env_remove("TUBE_PASSWORD")
+            .env_remove("TUBE_PREFIX")
+            .env_remove("TUBE_LOG");
+        if let Some(pw) = &self.password {
+            c.env("TUBE_PASSWORD", pw);
+        }
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
+    }
+
+    /// Kills the relay at once (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- {:?} relay log ----\n{}", self.kind, self.log());
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// A running `tube` process with its output collected in the background.
+pub struct Proc {
+    pub child: Child,
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// What a finished process left.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+impl Proc {
+    /// Spawns with piped stdin, stdout and stderr, both outputs collected by threads.
+    pub fn spawn(mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tube");
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        Self {
+            child,
+            stdout: Some(std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = out.read_to_end(&mut v);
+                v
+            })),
+            stderr: Some(std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = err.read_to_string(&mut s);
+                s
+            })),
+        }
+    }
+
+    /// Spawns with stdout going to a hashing thread (for large transfers).
+    pub fn spawn_hashing(mut cmd: Command) -> (Self, std::thread::JoinHandle<([u8; 32], u64)>) {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tube");
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let hasher = std::thread::spawn(move || {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0u64;
+            loop {
+                match out.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        h.update(&buf[..k]);
+                        n += k as u64;
+                    }
+                }
+            }
+            (h.finalize().into(), n)
+        });
+        let p = Self {
+            child,
+            stdout: None,
+            stderr: Some(std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = err.read_to_string(&mut s);
+                s
+            })),
+        };
+        (p, hasher)
+    }
+
+    pub fn stdin(&mut self) -> &mut std::process::ChildStdin {
+        self.child.stdin.as_mut().expect("stdin is open")
+    }
+
+    pub fn close_stdin(&mut self) {
+        drop(self.child.stdin.take());
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let rc = unsafe_kill(self.child.id() as i32, sig);
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// Waits for the process to exit, killing it and failing the test after `limit`.
+    pub fn wait(mut self, limit: Duration) -> Output {
+        self.close_stdin();
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let err = self.stderr.take().unwrap().join().unwrap_or_default();
+                panic!("tube did not exit within {limit:?}; its stderr:\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Output {
+            status,
+            stdout: self
+                .stdout
+                .take()
+                .map(|h| h.join().unwrap())
+                .unwrap_or_default(),
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: i32, sig: i32) -> i32 {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) }
+}
+
+/// Runs `tube write CHANNEL` with `data` on stdin to completion.
+pub fn write_all(relay: &TestRelay, channel: &str, data: &[u8], extra: &[&str]) -> Output {
+    let mut args = vec!["write", channel];
+    args.extend_from_slice(extra);
+    let mut w = Proc::spawn(relay.tube(&args));
+    let mut stdin = w.child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = w.wait(Duration::from_secs(120));
+    feeder.join().unwrap();
+    out
+}
+
+/// Runs `tube read CHANNEL` to completion.
+pub fn read_all(relay: &TestRelay, channel: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["read", channel];
+    args.extend_from_slice(extra);
+    Proc::spawn(relay.tube(&args)).wait(Duration::from_secs(120))
+}
+
+/// Waits until `cond` holds, failing the test after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the channel's latest session has a begin record (the writer is running).
+pub fn wait_for_session(relay: &TestRelay, channel: &str) {
+    let mut admin = relay.admin();
+    let key = format!("tube:{{{channel}}}:stream");
+    wait_until(Duration::from_secs(10), "the writer's session", || {
+        redis::cmd("XLEN").arg(&key).query::<u64>(&mut admin).unwrap_or(0) > 0
+    });
+}
+
+/// Defines each test once per relay kind: `mod redis` and `mod tube_relay`.
+#[macro_export]
+macro_rules! relay_tests {
+    ($(fn $name:ident($relay:ident) $body:block)*) => {
+        mod redis_server {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    let $relay = $crate::common::RelayKind::Redis;
+                    $body
+                }
+            )*
+        }
+        mod tube_relay {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    let $relay = $crate::common::RelayKind::Tube;
+                    $body
+                }
+            )*
+        }
+    };
+}
