@@ -30,7 +30,10 @@ impl Channel {
     /// [`Error::InvalidPrefix`] when the prefix holds a brace or a control character.
     pub fn new(name: &str, prefix: &str) -> Result<Self, Error> {
         validate_name(name)?;
-        if let Some(c) = prefix.chars().find(|c| c.is_control() || *c == '{' || *c == '}') {
+        if let Some(c) = prefix
+            .chars()
+            .find(|c| c.is_control() || *c == '{' || *c == '}')
+        {
             return Err(Error::InvalidPrefix {
                 prefix: prefix.escape_debug().to_string(),
                 reason: format!("it contains {:?}", c),

@@ -8,9 +8,11 @@ use clap::{Args, Parser, Subcommand};
 /// neither needs to accept connections: NAT and firewalls stay closed.
 #[derive(Debug, Parser)]
 #[command(name = "tube", version, about, long_about = None)]
-#[command(after_help = "Exit status: 0 success; 1 error; 2 usage error; 3 the session was \
+#[command(
+    after_help = "Exit status: 0 success; 1 error; 2 usage error; 3 the session was \
 interrupted by its writer; 4 the writer vanished; 5 the stream is corrupt; 130/143 tube itself \
-was stopped by SIGINT/SIGTERM.")]
+was stopped by SIGINT/SIGTERM."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
@@ -106,7 +108,6 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .filter(|v| *v > 0)
         .ok_or_else(|| format!("{s:?} is out of range"))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -7,8 +7,8 @@
 use crate::error::{Error, Result};
 use redis::aio::MultiplexedConnection;
 use redis::{
-    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue,
-    IntoConnectionInfo, RedisError, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
+    RedisError, Value,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,16 +139,22 @@ impl RelayConfig {
         let reason = error_text(e);
         if is_auth_error(e) {
             Error::Auth { addr, reason }
-        } else if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() {
-            if e.is_connection_dropped() {
-                Error::NotRedis {
-                    addr,
-                    reason: "the connection was closed without a Redis answer".into(),
-                }
-            } else {
-                Error::Unreachable { addr, reason }
+        } else if e.is_connection_refusal() {
+            Error::Unreachable {
+                addr,
+                reason: "connection refused (is the relay running?)".into(),
             }
-        } else if matches!(e.kind(), redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType) {
+        } else if e.is_connection_dropped() {
+            Error::NotRedis {
+                addr,
+                reason: "the connection was closed without a Redis answer".into(),
+            }
+        } else if e.is_io_error() || e.is_timeout() {
+            Error::Unreachable { addr, reason }
+        } else if matches!(
+            e.kind(),
+            redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+        ) {
             Error::NotRedis { addr, reason }
         } else {
             Error::Relay { addr, reason }

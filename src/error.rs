@@ -82,7 +82,9 @@ pub enum Error {
         kind: String,
     },
     /// The channel was written by a newer, incompatible tube.
-    #[error("channel {channel} uses tube protocol {version}; this tube speaks protocol 1: upgrade tube")]
+    #[error(
+        "channel {channel} uses tube protocol {version}; this tube speaks protocol 1: upgrade tube"
+    )]
     NewerProtocol {
         /// The channel.
         channel: String,

@@ -91,7 +91,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
 }
 
 /// Which signal stopped us, as the conventional exit status 128 + signal number.
-fn watch_signals() -> io::Result<(CancellationToken, std::sync::Arc<std::sync::atomic::AtomicU8>)> {
+fn watch_signals() -> io::Result<(
+    CancellationToken,
+    std::sync::Arc<std::sync::atomic::AtomicU8>,
+)> {
     use std::sync::atomic::{AtomicU8, Ordering};
     let token = CancellationToken::new();
     let status = std::sync::Arc::new(AtomicU8::new(0));
@@ -153,7 +156,10 @@ async fn write(common: &Common, args: WriteArgs) -> Result<ExitCode, Error> {
             }
             Some(Err(e)) => {
                 let _ = writer.interrupt().await;
-                return Err(Error::Io(io::Error::new(e.kind(), format!("reading stdin: {e}"))));
+                return Err(Error::Io(io::Error::new(
+                    e.kind(),
+                    format!("reading stdin: {e}"),
+                )));
             }
         }
     }
@@ -210,7 +216,10 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
         // `| head -c 100`: the consumer has all it wants. Quietly done, as Unix tools are.
         Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
         Ok(Err(e)) => {
-            return Err(Error::Io(io::Error::new(e.kind(), format!("writing stdout: {e}"))));
+            return Err(Error::Io(io::Error::new(
+                e.kind(),
+                format!("writing stdout: {e}"),
+            )));
         }
         Err(e) => return Err(Error::Io(io::Error::other(e))),
     }

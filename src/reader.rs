@@ -138,7 +138,9 @@ impl Reader {
             Some(Ok(Event::Eof)) => Ok(None),
             Some(Err(e)) => Err(e),
             Some(Ok(Event::Data(_))) => unreachable!("data is handled by the caller"),
-            None => Err(Error::Io(io::Error::other("the reader's fetch task stopped"))),
+            None => Err(Error::Io(io::Error::other(
+                "the reader's fetch task stopped",
+            ))),
         }
     }
 }
@@ -286,9 +288,8 @@ impl Fetcher {
                     Value::Array(mut pair) if pair.len() == 2 => {
                         let fields = pair.pop().expect("two items");
                         let id = match pair.pop().expect("two items") {
-                            Value::BulkString(id) => String::from_utf8(id).map_err(|_| {
-                                self.corrupt("a stream ID is not text".into())
-                            })?,
+                            Value::BulkString(id) => String::from_utf8(id)
+                                .map_err(|_| self.corrupt("a stream ID is not text".into()))?,
                             Value::SimpleString(id) => id,
                             _ => return Err(self.corrupt("a stream ID is not text".into())),
                         };
@@ -342,10 +343,14 @@ impl Fetcher {
             return Err(self.corrupt(format!("stream entry {id} does not have a tube ID")));
         };
         let raw = match fields {
-            Value::Array(mut f) if f.len() == 2 && f[0] == Value::BulkString(record::FIELD.into()) => {
+            Value::Array(mut f)
+                if f.len() == 2 && f[0] == Value::BulkString(record::FIELD.into()) =>
+            {
                 match f.pop() {
                     Some(Value::BulkString(v)) => Bytes::from(v),
-                    _ => return Err(self.corrupt(format!("stream entry {id} is not a tube record"))),
+                    _ => {
+                        return Err(self.corrupt(format!("stream entry {id} is not a tube record")));
+                    }
                 }
             }
             _ => return Err(self.corrupt(format!("stream entry {id} is not a tube record"))),
@@ -368,7 +373,9 @@ impl Fetcher {
                 }
                 if let Some(old) = self.session.take() {
                     if old.id >= s {
-                        return Err(self.corrupt(format!("session {s} begins after session {}", old.id)));
+                        return Err(
+                            self.corrupt(format!("session {s} begins after session {}", old.id))
+                        );
                     }
                     // A new session began before the old one ended: its writer died.
                     self.session_failed(Error::WriterVanished {

@@ -43,7 +43,11 @@ pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelStat
         types.cmd("TYPE").arg(&writer);
         conn.pipe(&types).await?
     };
-    for (key, kind, want) in [(&stream, &ts, "stream"), (&meta, &tm, "hash"), (&writer, &tw, "string")] {
+    for (key, kind, want) in [
+        (&stream, &ts, "stream"),
+        (&meta, &tm, "hash"),
+        (&writer, &tw, "string"),
+    ] {
         if kind != "none" && kind != want {
             return Err(Error::ForeignKey {
                 key: key.clone(),

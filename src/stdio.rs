@@ -46,10 +46,8 @@ pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>>
 
 /// Starts a stdout writer. Send it pieces; drop the sender and await the handle to learn how
 /// writing ended.
-pub fn write_stdout() -> io::Result<(
-    mpsc::Sender<Bytes>,
-    tokio::task::JoinHandle<io::Result<()>>,
-)> {
+pub fn write_stdout() -> io::Result<(mpsc::Sender<Bytes>, tokio::task::JoinHandle<io::Result<()>>)>
+{
     let mut output = File::from(io::stdout().as_fd().try_clone_to_owned()?);
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let handle = tokio::task::spawn_blocking(move || {

@@ -141,7 +141,12 @@ impl Writer {
                 max_payload: chunk_size as u32,
             };
             let _: Value = ctl
-                .query(&xadd(channel, session, 0, &record::encode_begin(session, &begin)[..]))
+                .query(&xadd(
+                    channel,
+                    session,
+                    0,
+                    &record::encode_begin(session, &begin)[..],
+                ))
                 .await?;
             let data = relay.connect().await?;
             Ok::<_, Error>((session, data))
@@ -207,7 +212,11 @@ impl Writer {
             Some(tx) => tx.send(Msg::Data(data)).await.is_ok(),
             None => false,
         };
-        if sent { Ok(()) } else { Err(self.failure().await) }
+        if sent {
+            Ok(())
+        } else {
+            Err(self.failure().await)
+        }
     }
 
     /// Ends the session as complete: appends the end record and waits until the relay has
@@ -242,7 +251,9 @@ impl Writer {
     async fn join(&mut self) -> Result<Summary> {
         match self.task.take() {
             Some(task) => task.await.unwrap_or_else(|e| {
-                Err(Error::Io(io::Error::other(format!("writer task failed: {e}"))))
+                Err(Error::Io(io::Error::other(format!(
+                    "writer task failed: {e}"
+                ))))
             }),
             None => Err(Error::Closed("writer")),
         }
@@ -332,11 +343,7 @@ impl AsyncWrite for Writer {
             if ready!(self.tx.poll_reserve(cx)).is_err() {
                 return self.poll_failure(cx).map(Err);
             }
-            if self
-                .tx
-                .send_item(Msg::Finish(EndStatus::Complete))
-                .is_err()
-            {
+            if self.tx.send_item(Msg::Finish(EndStatus::Complete)).is_err() {
                 return self.poll_failure(cx).map(Err);
             }
             self.finishing = true;
@@ -630,7 +637,10 @@ async fn heartbeat(
             _ = tokio::time::sleep(HEARTBEAT) => {}
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("PEXPIRE").arg(&key).arg(LEASE.as_millis() as u64).ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&key)
+            .arg(LEASE.as_millis() as u64)
+            .ignore();
         pipe.cmd("GET").arg(&key);
         let held: Result<(Option<String>,)> = ctl.pipe(&pipe).await;
         match held {

@@ -365,7 +365,11 @@ pub fn wait_for_session(relay: &TestRelay, channel: &str) {
     let mut admin = relay.admin();
     let key = format!("tube:{{{channel}}}:stream");
     wait_until(Duration::from_secs(10), "the writer's session", || {
-        redis::cmd("XLEN").arg(&key).query::<u64>(&mut admin).unwrap_or(0) > 0
+        redis::cmd("XLEN")
+            .arg(&key)
+            .query::<u64>(&mut admin)
+            .unwrap_or(0)
+            > 0
     });
 }
 
