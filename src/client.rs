@@ -275,6 +275,15 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Sends a pipeline of commands and converts the answers.
+    pub(crate) async fn pipe<T: FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> Result<T> {
+        pipe.query_async(&mut self.inner)
+            .await
+            .map_err(|e| self.error(&e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,14 +315,5 @@ mod tests {
         assert!(!format!("{c:?}").contains("pw"));
         let c = RelayConfig::from_url("unix:///tmp/r.sock").unwrap();
         assert_eq!(c.addr(), "/tmp/r.sock");
-    }
-}
-
-impl Conn {
-    /// Sends a pipeline of commands and converts the answers.
-    pub(crate) async fn pipe<T: FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> Result<T> {
-        pipe.query_async(&mut self.inner)
-            .await
-            .map_err(|e| self.error(&e))
     }
 }

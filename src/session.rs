@@ -58,8 +58,8 @@ pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelStat
     let mut pipe = redis::pipe();
     pipe.cmd("HMGET").arg(&meta).arg("proto").arg("session");
     pipe.cmd("GET").arg(&writer);
-    let ((proto, session), lease): ((Option<String>, Option<String>), Option<Vec<u8>>) =
-        conn.pipe(&pipe).await?;
+    type Fields = (Option<String>, Option<String>);
+    let ((proto, session), lease): (Fields, Option<Vec<u8>>) = conn.pipe(&pipe).await?;
     if tm == "hash" {
         match proto.as_deref() {
             Some(META_PROTO) => {}
@@ -77,13 +77,11 @@ pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelStat
             }
         }
     }
-    if let Some(v) = &lease {
-        if !is_lease_value(v) {
-            return Err(Error::ForeignKey {
-                key: writer,
-                kind: "string that is not a tube lease".into(),
-            });
-        }
+    if lease.as_deref().is_some_and(|v| !is_lease_value(v)) {
+        return Err(Error::ForeignKey {
+            key: writer,
+            kind: "string that is not a tube lease".into(),
+        });
     }
     let latest_session = match session {
         None => 0,

@@ -534,9 +534,13 @@ impl Sender {
 /// connection's queue. Appends must reach the relay in sequence order: queuing each one
 /// before the next is built guarantees that.
 async fn issue(mut conn: redis::aio::MultiplexedConnection, cmd: redis::Cmd) -> Append {
-    let mut fut: Append = Box::pin(async move { conn.send_packed_command(&cmd).await });
     // The first poll puts the request into the connection's queue (which has room for more
     // than a window of requests), so the order of requests is the order of these calls.
+    // `unconstrained`: tokio's cooperative budget could otherwise make that first poll return
+    // Pending without queuing anything, and a later append would overtake this one.
+    let mut fut: Append = Box::pin(tokio::task::unconstrained(async move {
+        conn.send_packed_command(&cmd).await
+    }));
     match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
         Poll::Ready(reply) => Box::pin(std::future::ready(reply)),
         Poll::Pending => fut,
