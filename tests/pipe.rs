@@ -64,6 +64,17 @@ relay_tests! {
     fn one_mebibyte_round_trips(kind) { transfer_is_byte_exact(kind, 1 << 20) }
     fn quarter_gibibyte_streams_byte_exact(kind) { large_transfer_is_byte_exact(kind, 256 << 20) }
 
+    fn many_small_pipelined_records_stay_in_order(kind) {
+        // Thousands of appends in flight at once: none may overtake another.
+        let relay = TestRelay::start(kind);
+        let data = random_bytes(48 << 20, 48);
+        let w = write_all(&relay, "small", &data, &["--chunk-size", "4k", "--window", "64"]);
+        assert_eq!(w.code(), Some(0), "writer failed: {}", w.stderr);
+        let r = read_all(&relay, "small", &[]);
+        assert_eq!(r.code(), Some(0), "reader failed: {}", r.stderr);
+        assert_eq!(sha256(&r.stdout), sha256(&data));
+    }
+
     fn reader_started_before_writer_waits_for_it(kind) {
         let relay = TestRelay::start(kind);
         let reader = Proc::spawn(relay.tube(&["read", "early"]));
