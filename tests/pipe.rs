@@ -75,6 +75,26 @@ relay_tests! {
         assert_eq!(sha256(&r.stdout), sha256(&data));
     }
 
+    fn every_key_lives_under_the_prefix_and_one_hash_tag(kind) {
+        let relay = TestRelay::start(kind);
+        let mut w = Proc::spawn(relay.tube(&["write", "--prefix", "lab:", "probe"]));
+        w.stdin().write_all(b"data").unwrap();
+        let mut admin = relay.admin();
+        wait_until(Duration::from_secs(10), "the session", || {
+            redis::cmd("EXISTS").arg("lab:{probe}:stream").query::<u64>(&mut admin).unwrap_or(0) == 1
+        });
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut admin).unwrap();
+        keys.sort();
+        assert_eq!(keys, ["lab:{probe}:meta", "lab:{probe}:stream", "lab:{probe}:writer"]);
+        assert_eq!(w.wait(Duration::from_secs(10)).code(), Some(0));
+        let r = read_all(&relay, "probe", &["--prefix", "lab:"]);
+        assert_eq!(r.stdout, b"data");
+        // Under the default prefix the channel does not exist: the reader waits for it.
+        let mut other = Proc::spawn(relay.tube(&["read", "probe"]));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(other.running());
+    }
+
     fn reader_started_before_writer_waits_for_it(kind) {
         let relay = TestRelay::start(kind);
         let reader = Proc::spawn(relay.tube(&["read", "early"]));
@@ -389,4 +409,28 @@ fn malformed_urls_are_refused_without_showing_the_password() {
             out.stderr
         );
     }
+}
+
+#[test]
+fn unix_socket_urls_reach_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("redis.sock");
+    let relay = TestRelay::start_with(
+        RelayKind::Redis,
+        RelaySpec {
+            extra: vec!["--unixsocket".into(), sock.display().to_string()],
+            ..Default::default()
+        },
+    );
+    wait_until(Duration::from_secs(5), "the socket", || sock.exists());
+    let url = format!("unix://{}", sock.display());
+    let data = random_bytes(100_000, 4);
+    let mut w = relay.tube(&["write", "sock", "--url", &url]);
+    w.env_remove("TUBE_URL");
+    let mut w = Proc::spawn(w);
+    w.stdin().write_all(&data).unwrap();
+    assert_eq!(w.wait(Duration::from_secs(20)).code(), Some(0));
+    // Read it back over TCP: the same relay, the same channel.
+    let r = read_all(&relay, "sock", &[]);
+    assert_eq!(r.stdout, data);
 }
