@@ -73,6 +73,29 @@ impl Channel {
     pub fn writer_key(&self) -> String {
         self.key("writer")
     }
+
+    /// The hash of registered readers (reader ID -> start time).
+    pub fn readers_key(&self) -> String {
+        self.key("readers")
+    }
+
+    /// The string holding one reader's position; it expires when the reader stops renewing.
+    pub fn reader_key(&self, id: &str) -> String {
+        self.key(&format!("reader:{id}"))
+    }
+
+    /// The key pattern (for SCAN MATCH) of the meta hashes of channels whose names match
+    /// the glob `pattern` under `prefix`.
+    pub fn meta_pattern(prefix: &str, pattern: &str) -> String {
+        format!("{}{{{}}}:meta", glob_escape(prefix), pattern)
+    }
+
+    /// The channel name inside a meta key, if `key` is one under `prefix`.
+    pub fn name_from_meta_key<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(prefix)?
+            .strip_prefix('{')?
+            .strip_suffix("}:meta")
+    }
 }
 
 impl std::fmt::Display for Channel {
@@ -110,6 +133,17 @@ fn validate_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn truncate_for_display(name: &str) -> String {
     const SHOWN: usize = 60;
     let escaped: String = name.escape_debug().take(SHOWN).collect();
@@ -130,6 +164,22 @@ mod tests {
         assert_eq!(c.stream_key(), "tube:{cam1}:stream");
         assert_eq!(c.meta_key(), "tube:{cam1}:meta");
         assert_eq!(c.writer_key(), "tube:{cam1}:writer");
+        assert_eq!(c.readers_key(), "tube:{cam1}:readers");
+        assert_eq!(c.reader_key("ab"), "tube:{cam1}:reader:ab");
+    }
+
+    #[test]
+    fn meta_keys_are_found_and_parsed() {
+        assert_eq!(Channel::meta_pattern("t*:", "cam?"), "t\\*:{cam?}:meta");
+        assert_eq!(
+            Channel::name_from_meta_key("tube:", "tube:{a b}:meta"),
+            Some("a b")
+        );
+        assert_eq!(
+            Channel::name_from_meta_key("tube:", "tube:{a}:stream"),
+            None
+        );
+        assert_eq!(Channel::name_from_meta_key("tube:", "other:{a}:meta"), None);
     }
 
     #[test]

@@ -44,6 +44,12 @@ pub enum Command {
     Write(WriteArgs),
     /// Copy a channel to stdout: its latest session, or every session with --follow.
     Read(ReadArgs),
+    /// Delete a channel and everything tube keeps of it on the relay.
+    Rm(RmArgs),
+    /// List channels: writer, mode, sessions, bytes, readers, last activity.
+    Ls(LsArgs),
+    /// Show one channel in detail, with its readers and their lag.
+    Stat(StatArgs),
     /// Run a relay: a server that speaks the Redis protocol for the commands tube uses,
     /// keeping data in memory. For when there is no Redis at hand.
     Relay(RelayArgs),
@@ -78,6 +84,69 @@ pub struct WriteArgs {
     /// Appends in flight at most; more keeps distant relays busy.
     #[arg(long, default_value_t = tube::writer::DEFAULT_WINDOW as u16, value_parser = clap::value_parser!(u16).range(1..=512))]
     pub window: u16,
+    /// Most bytes the relay holds for this channel (suffixes k, M, G). When it is full, the
+    /// writer waits for readers (reliable) or drops the oldest data (--live).
+    #[arg(long, value_parser = parse_size_u64, default_value = "64M")]
+    pub max_backlog: u64,
+    /// Never wait for readers: the relay keeps only the newest --max-backlog bytes and slow
+    /// readers skip ahead. For live video; not for files.
+    #[arg(long)]
+    pub live: bool,
+    /// Delete the channel's keys after this long without activity (e.g. 90s, 30m, 24h).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    pub ttl: std::time::Duration,
+    /// Compress records: zstd or zstd:LEVEL (1-22, default 3). Readers need no flag.
+    #[arg(long, value_parser = parse_compress, value_name = "zstd[:LEVEL]")]
+    pub compress: Option<i32>,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// Progress display on stderr.
+#[derive(Debug, Args)]
+pub struct ProgressArgs {
+    /// Show bytes, rate, elapsed time and backlog/lag on stderr (default when stderr is a
+    /// terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// Do not show progress.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl ProgressArgs {
+    /// Whether to show progress, given whether stderr is a terminal.
+    pub fn enabled(&self, stderr_is_terminal: bool) -> bool {
+        !self.no_progress && (self.progress || stderr_is_terminal)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Channel name.
+    pub channel: String,
+    /// Delete even while a writer is alive (its session then fails).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Only channels whose names match this glob pattern (*, ?, [abc]).
+    #[arg(default_value = "*")]
+    pub pattern: String,
+    /// Print JSON (one array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatArgs {
+    /// Channel name.
+    pub channel: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +156,48 @@ pub struct ReadArgs {
     /// Go on into later sessions instead of ending with the first, like `tail -F`.
     #[arg(short, long)]
     pub follow: bool,
+    /// Where to start: `start` of the latest session (an error if the relay no longer holds
+    /// it), the `oldest` byte still held, or `now` (only new data).
+    #[arg(long, value_enum, default_value = "start")]
+    pub from: From,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// Where a reader starts.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum From {
+    Start,
+    Oldest,
+    Now,
+}
+
+impl From {
+    pub fn start_at(self) -> tube::StartAt {
+        match self {
+            Self::Start => tube::StartAt::Start,
+            Self::Oldest => tube::StartAt::Oldest,
+            Self::Now => tube::StartAt::Now,
+        }
+    }
+}
+
+/// Parses `zstd` or `zstd:LEVEL` into a zstd level.
+fn parse_compress(s: &str) -> Result<i32, String> {
+    let (algo, level) = s.split_once(':').unwrap_or((s, "3"));
+    if algo != "zstd" {
+        return Err(format!(
+            "unknown compression {algo:?} (supported: zstd, zstd:LEVEL)"
+        ));
+    }
+    match level.parse::<i32>() {
+        Ok(l) if (1..=22).contains(&l) => Ok(l),
+        _ => Err(format!("zstd level {level:?} is not a number from 1 to 22")),
+    }
+}
+
+fn parse_size_u64(s: &str) -> Result<u64, String> {
+    parse_size(s).map(|v| v as u64)
 }
 
 /// Parses a byte size with an optional binary suffix: `65536`, `64k`, `1M`, `1GiB`.
@@ -128,5 +239,25 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("12q").is_err());
         assert!(parse_size("k").is_err());
+    }
+
+    #[test]
+    fn compression_parses() {
+        assert_eq!(parse_compress("zstd"), Ok(3));
+        assert_eq!(parse_compress("zstd:19"), Ok(19));
+        assert!(parse_compress("zstd:0").is_err());
+        assert!(parse_compress("gzip").is_err());
+    }
+
+    #[test]
+    fn progress_defaults_to_the_terminal() {
+        let p = |progress, no_progress| ProgressArgs {
+            progress,
+            no_progress,
+        };
+        assert!(p(false, false).enabled(true));
+        assert!(!p(false, false).enabled(false));
+        assert!(p(true, false).enabled(false));
+        assert!(!p(false, true).enabled(true));
     }
 }

@@ -235,21 +235,6 @@ impl Conn {
         T::from_redis_value(value).map_err(|e| self.error(&e.into()))
     }
 
-    /// Sends one command without a deadline (for blocking reads).
-    pub(crate) async fn query_unbounded<T: FromRedisValue>(
-        &mut self,
-        cmd: &Cmd,
-        deadline: Duration,
-    ) -> Result<T> {
-        let mut inner = self.inner.clone();
-        inner.set_response_timeout(deadline);
-        let value = inner
-            .send_packed_command(cmd)
-            .await
-            .map_err(|e| self.error(&e))?;
-        T::from_redis_value(value).map_err(|e| self.error(&e.into()))
-    }
-
     /// The underlying connection, for pipelined appends.
     pub(crate) fn raw(&self) -> MultiplexedConnection {
         let mut c = self.inner.clone();
@@ -276,6 +261,19 @@ impl Conn {
 }
 
 impl Conn {
+    /// Sends a pipeline with its own deadline (for one that holds a blocking read).
+    pub(crate) async fn pipe_unbounded<T: FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+        deadline: Duration,
+    ) -> Result<T> {
+        let mut inner = self.inner.clone();
+        inner.set_response_timeout(deadline);
+        pipe.query_async(&mut inner)
+            .await
+            .map_err(|e| self.error(&e))
+    }
+
     /// Sends a pipeline of commands and converts the answers.
     pub(crate) async fn pipe<T: FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> Result<T> {
         pipe.query_async(&mut self.inner)

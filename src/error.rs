@@ -97,6 +97,18 @@ pub enum Error {
         /// The channel.
         channel: String,
     },
+    /// The channel does not exist on the relay.
+    #[error("no channel named {channel} on the relay")]
+    NoSuchChannel {
+        /// The channel.
+        channel: String,
+    },
+    /// The channel cannot be deleted while its writer lives.
+    #[error("channel {channel} has a live writer; use --force to delete it anyway")]
+    HasWriter {
+        /// The channel.
+        channel: String,
+    },
     /// The writer lost its lease (it was stalled longer than the lease lasts and another
     /// writer took the channel, or the key was deleted).
     #[error("lost the writer lease of channel {channel}: {reason}")]

@@ -11,8 +11,10 @@
 //! - [`writer`]: [`Writer`], one session of a channel, pipelined appends, the writer's lease.
 //! - [`reader`]: [`Reader`], batched reads, every record checked.
 //! - [`relay`]: `tube relay`, the built-in Redis-protocol relay.
+//! - [`admin`]: listing, inspecting and deleting channels.
 //! - [`error`]: [`Error`], one type for everything that can go wrong.
 
+pub mod admin;
 pub mod channel;
 pub mod client;
 pub mod error;
@@ -25,6 +27,6 @@ pub mod writer;
 pub use channel::{Channel, DEFAULT_PREFIX};
 pub use client::{DEFAULT_URL, RelayConfig};
 pub use error::{Error, Result};
-pub use reader::{ReadOptions, Reader};
+pub use reader::{ReadOptions, Reader, ReaderProgress, StartAt};
 pub use record::EndStatus;
-pub use writer::{Summary, WriteOptions, Writer};
+pub use writer::{Summary, WriteOptions, Writer, WriterProgress};

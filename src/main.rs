@@ -1,11 +1,14 @@
 //! The `tube` command: parse arguments, set up logging, run, map the outcome to an exit code.
 
 mod cli;
+mod progress;
 mod stdio;
 
 use clap::Parser;
-use cli::{Cli, Command, Common, ReadArgs, RelayArgs, WriteArgs};
+use cli::{Cli, Command, Common, LsArgs, ReadArgs, RelayArgs, RmArgs, StatArgs, WriteArgs};
+use progress::{Progress, Snapshot};
 use std::io;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -86,6 +89,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Write(args) => write(&cli.common, args).await,
         Command::Read(args) => read(&cli.common, args).await,
+        Command::Rm(args) => rm(&cli.common, args).await,
+        Command::Ls(args) => ls(&cli.common, args).await,
+        Command::Stat(args) => stat(&cli.common, args).await,
         Command::Relay(args) => relay(args).await,
     }
 }
@@ -125,12 +131,52 @@ async fn write(common: &Common, args: WriteArgs) -> Result<ExitCode, Error> {
     let opts = WriteOptions {
         chunk_size: args.chunk_size,
         window: usize::from(args.window),
+        max_backlog: args.max_backlog,
+        live: args.live,
+        ttl: args.ttl,
+        zstd_level: args.compress,
     };
     let mut input = stdio::read_stdin(opts.chunk_size)?;
-    let mut writer = tokio::select! {
+    let writer = tokio::select! {
         w = Writer::start(&relay, &channel, opts) => w?,
         _ = stop.cancelled() => return Ok(signal_exit(&signal_status)),
     };
+    let progress = args.progress.enabled(io::stderr().is_terminal()).then(|| {
+        let shared = writer.progress_handle();
+        Progress::start(move || {
+            let p = shared();
+            let waiting = if p.waiting {
+                ", waiting for readers"
+            } else {
+                ""
+            };
+            Snapshot {
+                bytes: p.bytes,
+                note: format!("backlog {}{waiting}", progress::bytes(p.held)),
+            }
+        })
+    });
+    let outcome = pump_stdin(writer, &mut input, &stop, &channel).await;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    match outcome? {
+        Pumped::Done => Ok(ExitCode::SUCCESS),
+        Pumped::Stopped => Ok(signal_exit(&signal_status)),
+    }
+}
+
+enum Pumped {
+    Done,
+    Stopped,
+}
+
+async fn pump_stdin(
+    mut writer: Writer,
+    input: &mut tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
+    stop: &CancellationToken,
+    channel: &Channel,
+) -> Result<Pumped, Error> {
     loop {
         let piece = tokio::select! {
             biased;
@@ -146,7 +192,7 @@ async fn write(common: &Common, args: WriteArgs) -> Result<ExitCode, Error> {
                     summary.bytes,
                     summary.records
                 );
-                return Ok(ExitCode::SUCCESS);
+                return Ok(Pumped::Done);
             }
             Some(Ok(data)) => {
                 tokio::select! {
@@ -173,7 +219,7 @@ async fn write(common: &Common, args: WriteArgs) -> Result<ExitCode, Error> {
         summary.session,
         summary.bytes
     );
-    Ok(signal_exit(&signal_status))
+    Ok(Pumped::Stopped)
 }
 
 fn signal_exit(status: &std::sync::atomic::AtomicU8) -> ExitCode {
@@ -186,6 +232,7 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
     let (stop, signal_status) = watch_signals()?;
     let opts = ReadOptions {
         follow: args.follow,
+        from: args.from.start_at(),
         ..ReadOptions::default()
     };
     let mut reader = tokio::select! {
@@ -193,6 +240,23 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
         _ = stop.cancelled() => return Ok(signal_exit(&signal_status)),
     };
     let (output, written) = stdio::write_stdout()?;
+    let progress = args.progress.enabled(io::stderr().is_terminal()).then(|| {
+        let shared = reader.progress_handle();
+        Progress::start(move || {
+            let p = shared();
+            let mut note = match p.lag {
+                Some(lag) => format!("lag {}", progress::bytes(lag)),
+                None => String::new(),
+            };
+            if p.skipped > 0 {
+                note.push_str(&format!(", skipped {}", progress::bytes(p.skipped)));
+            }
+            Snapshot {
+                bytes: p.bytes,
+                note,
+            }
+        })
+    });
     let outcome = loop {
         let next = tokio::select! {
             next = reader.next_chunk() => next,
@@ -210,8 +274,13 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
         }
     };
     drop(output);
+    if let Some(p) = progress {
+        p.finish();
+    }
     // Everything received is written out before any stream error is reported.
-    match written.await {
+    let closed = written.await;
+    reader.close().await;
+    match closed {
         Ok(Ok(())) => {}
         // `| head -c 100`: the consumer has all it wants. Quietly done, as Unix tools are.
         Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
@@ -272,4 +341,100 @@ async fn relay(args: RelayArgs) -> Result<ExitCode, Error> {
     let (stop, _) = watch_signals()?;
     tube::relay::serve(listener, opts, async move { stop.cancelled().await }).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn rm(common: &Common, args: RmArgs) -> Result<ExitCode, Error> {
+    let relay = relay_config(common)?;
+    let channel = Channel::new(&args.channel, &common.prefix)?;
+    tube::admin::remove(&relay, &channel, args.force).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ls(common: &Common, args: LsArgs) -> Result<ExitCode, Error> {
+    let relay = relay_config(common)?;
+    let channels = tube::admin::list(&relay, &common.prefix, &args.pattern).await?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&channels).map_err(io::Error::other)?
+    } else {
+        let now = tube::writer::unix_ms();
+        let mut t = format!(
+            "{:<24} {:<7} {:<8} {:>8} {:>10} {:>10} {:>7} {:>12}",
+            "CHANNEL", "WRITER", "MODE", "SESSIONS", "WRITTEN", "HELD", "READERS", "LAST ACTIVE"
+        );
+        for c in &channels {
+            t.push_str(&format!(
+                "\n{:<24} {:<7} {:<8} {:>8} {:>10} {:>10} {:>7} {:>12}",
+                c.channel,
+                if c.writer_alive { "alive" } else { "-" },
+                c.mode.as_deref().unwrap_or("-"),
+                c.sessions,
+                progress::bytes(c.bytes_written),
+                progress::bytes(c.bytes_held),
+                c.readers.len(),
+                ago(now, c.last_activity_ms),
+            ));
+        }
+        t
+    };
+    print_stdout(&text)
+}
+
+async fn stat(common: &Common, args: StatArgs) -> Result<ExitCode, Error> {
+    let relay = relay_config(common)?;
+    let channel = Channel::new(&args.channel, &common.prefix)?;
+    let c = tube::admin::stat(&relay, &channel).await?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&c).map_err(io::Error::other)?
+    } else {
+        let now = tube::writer::unix_ms();
+        let mut t = format!(
+            "channel:      {}\nwriter:       {}\nmode:         {}\nsessions:     {}\n\
+             written:      {} ({} bytes)\nheld:         {} ({} bytes)\nrate:         {}/s\n\
+             last active:  {}\nexpires in:   {}\nreaders:      {}",
+            c.channel,
+            if c.writer_alive { "alive" } else { "none" },
+            c.mode.as_deref().unwrap_or("-"),
+            c.sessions,
+            progress::bytes(c.bytes_written),
+            c.bytes_written,
+            progress::bytes(c.bytes_held),
+            c.bytes_held,
+            progress::bytes(c.rate),
+            ago(now, c.last_activity_ms),
+            c.expires_in_ms
+                .map_or("never".into(), |ms| humantime::format_duration(
+                    std::time::Duration::from_secs(ms / 1000)
+                )
+                .to_string()),
+            c.readers.len(),
+        );
+        for r in &c.readers {
+            let lag = r.lag.map_or("-".into(), progress::bytes);
+            t.push_str(&format!(
+                "\n  {}  session {}  at {}  lag {}",
+                r.id,
+                r.session,
+                progress::bytes(r.bytes),
+                lag
+            ));
+        }
+        t
+    };
+    print_stdout(&text)
+}
+
+fn ago(now_ms: u64, then_ms: Option<u64>) -> String {
+    match then_ms {
+        Some(t) => format!("{}s ago", now_ms.saturating_sub(t) / 1000),
+        None => "-".into(),
+    }
+}
+
+fn print_stdout(text: &str) -> Result<ExitCode, Error> {
+    use std::io::Write;
+    let mut out = io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(Error::Io(e)),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }

@@ -1,19 +1,23 @@
 //! The reading end of a channel.
 //!
 //! A fetch task keeps one `XREAD` outstanding while the caller consumes what the previous one
-//! returned, checks every record (sequence, length, digest) and hands payloads over through a
-//! bounded queue, so a slow consumer holds the fetcher back instead of growing memory.
+//! returned, checks every record (sequence, offset, length, digest) and hands payloads over
+//! through a bounded queue, so a slow consumer holds the fetcher back instead of growing
+//! memory. The reader registers itself on the channel and keeps reporting the last record it
+//! fetched: that is what allows the writer to trim, and what holds it back.
 
 use crate::channel::Channel;
 use crate::client::{COMMAND_TIMEOUT, Conn, RelayConfig};
 use crate::error::{Error, Result};
 use crate::record::{self, Begin, Body, EndStatus};
 use crate::session::{self, lease_value};
-use crate::writer::MAX_CHUNK_SIZE;
+use crate::writer::{MAX_CHUNK_SIZE, Position, unix_ms};
 use bytes::{Buf, Bytes};
 use redis::Value;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -22,15 +26,34 @@ use tokio::task::JoinHandle;
 
 /// How long one blocking read waits on the relay before the reader checks the writer's lease.
 const BLOCK: Duration = Duration::from_millis(1000);
+/// How long a reader's registration lives without renewal: a reader that dies stops holding
+/// the writer back after this long.
+pub const READER_LEASE: Duration = Duration::from_secs(12);
+/// How often a reader renews its registration.
+const READER_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Default bytes asked for in one read from the relay.
 pub const DEFAULT_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// Where a reader starts in the channel's latest session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StartAt {
+    /// At the session's first byte; an error if the relay no longer holds it.
+    #[default]
+    Start,
+    /// At the oldest byte the relay still holds.
+    Oldest,
+    /// At the newest data: only what is written from now on (and the latest record).
+    Now,
+}
 
 /// How a reader reads.
 #[derive(Debug, Clone)]
 pub struct ReadOptions {
     /// Go on into later sessions instead of ending with the first one, like `tail -F`.
     pub follow: bool,
+    /// Where to start.
+    pub from: StartAt,
     /// Bytes to ask for in one read from the relay; bounds the reader's memory.
     pub batch_bytes: usize,
 }
@@ -39,9 +62,31 @@ impl Default for ReadOptions {
     fn default() -> Self {
         Self {
             follow: false,
+            from: StartAt::Start,
             batch_bytes: DEFAULT_BATCH_BYTES,
         }
     }
+}
+
+/// A reader's progress, for display.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaderProgress {
+    /// Bytes read in the current session.
+    pub bytes: u64,
+    /// Bytes skipped because the relay no longer held them (live sessions only).
+    pub skipped: u64,
+    /// How far behind the writer the reader is, in bytes, as of the writer's last report.
+    pub lag: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    bytes: AtomicU64,
+    skipped: AtomicU64,
+    /// Writer's bytes written minus ours, plus one; 0 when unknown.
+    lag: AtomicU64,
+    position: Mutex<Option<Position>>,
+    session: AtomicU64,
 }
 
 enum Event {
@@ -71,46 +116,157 @@ pub struct Reader {
     current: Bytes,
     finished: bool,
     task: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+    shared: Arc<Shared>,
+    registration: Registration,
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
         self.task.abort();
+        self.heartbeat.abort();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let registration = self.registration.clone();
+            rt.spawn(async move { registration.remove().await });
+        }
+    }
+}
+
+/// A reader's entry on the channel: an ID in the readers hash and a position key.
+#[derive(Clone)]
+struct Registration {
+    conn: Conn,
+    channel: Channel,
+    id: String,
+}
+
+impl Registration {
+    async fn remove(mut self) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL")
+            .arg(self.channel.reader_key(&self.id))
+            .ignore();
+        pipe.cmd("HDEL")
+            .arg(self.channel.readers_key())
+            .arg(&self.id)
+            .ignore();
+        let _: Result<()> = self.conn.pipe(&pipe).await;
+    }
+
+    fn report(&self, pipe: &mut redis::Pipeline, position: &Position) {
+        pipe.cmd("SET")
+            .arg(self.channel.reader_key(&self.id))
+            .arg(position.encode())
+            .arg("PX")
+            .arg(READER_LEASE.as_millis() as u64)
+            .ignore();
     }
 }
 
 impl Reader {
-    /// Connects, checks the channel and starts fetching.
+    /// Connects, checks the channel, registers as a reader and starts fetching.
     ///
     /// # Errors
     /// Connection errors; [`Error::ForeignKey`] when the channel's keys are not tube's.
     pub async fn open(relay: &RelayConfig, channel: &Channel, opts: ReadOptions) -> Result<Self> {
         let mut conn = relay.connect().await?;
         let state = session::inspect(&mut conn, channel).await?;
-        let last_id = if state.latest_session > 0 {
-            // Just before the latest session's begin record.
-            format!("{}-{}", state.latest_session - 1, u64::MAX)
-        } else {
-            "0-0".to_string()
+        let latest = state.latest_session;
+        // Just before the latest session's begin record.
+        let mut last = (
+            latest.saturating_sub(1),
+            if latest > 0 { u64::MAX } else { 0 },
+        );
+        let mut join_mid_session = false;
+        match opts.from {
+            StartAt::Start => {}
+            StartAt::Oldest if latest > 0 => {
+                if let Some((s, q)) =
+                    first_entry(&mut conn, channel, &record::entry_id(latest, 0), false).await?
+                    && q > 0
+                {
+                    last = (s, q - 1);
+                    join_mid_session = true;
+                }
+            }
+            StartAt::Now if latest > 0 => {
+                if let Some((s, q)) = first_entry(&mut conn, channel, "+", true).await?
+                    && s == latest
+                {
+                    if q == 0 {
+                        last = (s - 1, u64::MAX);
+                    } else if is_end(&mut conn, channel, s, q).await? {
+                        // The session is over: wait for the next one.
+                        last = (s, q);
+                    } else {
+                        last = (s, q - 1);
+                        join_mid_session = true;
+                    }
+                }
+            }
+            StartAt::Oldest | StartAt::Now => {}
+        }
+        let registration = Registration {
+            conn: conn.clone(),
+            channel: channel.clone(),
+            id: hex(&rand::random::<[u8; 8]>()),
         };
+        let position = Position {
+            session: last.0,
+            seq: last.1,
+            offset: 0,
+        };
+        let mut pipe = redis::pipe();
+        registration.report(&mut pipe, &position);
+        pipe.cmd("HSET")
+            .arg(channel.readers_key())
+            .arg(&registration.id)
+            .arg(unix_ms())
+            .ignore();
+        let () = conn.pipe(&pipe).await?;
+        let shared = Arc::new(Shared {
+            position: Mutex::new(Some(position)),
+            ..Shared::default()
+        });
         let (tx, rx) = mpsc::channel(16);
-        let batch_bytes = opts.batch_bytes.max(1);
         let fetcher = Fetcher {
             conn,
             channel: channel.clone(),
             follow: opts.follow,
+            join_mid_session,
             tx,
-            last_id,
+            last_id: record::entry_id(last.0, last.1),
+            reported: Some(position),
             session: None,
             count: 16,
-            batch_bytes,
+            batch_bytes: opts.batch_bytes.max(1),
+            shared: shared.clone(),
+            registration: registration.clone(),
         };
         Ok(Self {
             rx,
             current: Bytes::new(),
             finished: false,
             task: tokio::spawn(fetcher.run()),
+            heartbeat: tokio::spawn(heartbeat(registration.clone(), shared.clone())),
+            shared,
+            registration,
         })
+    }
+
+    /// Progress so far.
+    pub fn progress(&self) -> ReaderProgress {
+        self.progress_handle()()
+    }
+
+    /// A function that returns the progress, for a display that outlives borrows.
+    pub fn progress_handle(&self) -> impl Fn() -> ReaderProgress + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || ReaderProgress {
+            bytes: shared.bytes.load(Ordering::Relaxed),
+            skipped: shared.skipped.load(Ordering::Relaxed),
+            lag: shared.lag.load(Ordering::Relaxed).checked_sub(1),
+        }
     }
 
     /// The next piece of the stream, without copying it; `None` at the end of the session.
@@ -130,6 +286,14 @@ impl Reader {
             Some(Ok(Event::Data(b))) => Ok(Some(b)),
             other => self.end(other),
         }
+    }
+
+    /// Stops reading and removes the reader's registration from the relay at once (rather
+    /// than when it expires).
+    pub async fn close(self) {
+        self.task.abort();
+        self.heartbeat.abort();
+        self.registration.clone().remove().await;
     }
 
     fn end(&mut self, event: Option<Result<Event>>) -> Result<Option<Bytes>> {
@@ -173,12 +337,91 @@ impl AsyncRead for Reader {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ID of the first entry at or after `from` (or, `reverse`, at or before it).
+async fn first_entry(
+    conn: &mut Conn,
+    channel: &Channel,
+    from: &str,
+    reverse: bool,
+) -> Result<Option<(u64, u64)>> {
+    let mut cmd = redis::cmd(if reverse { "XREVRANGE" } else { "XRANGE" });
+    cmd.arg(channel.stream_key());
+    if reverse {
+        cmd.arg(from).arg("-");
+    } else {
+        cmd.arg(from).arg("+");
+    }
+    cmd.arg("COUNT").arg(1);
+    let entries: Vec<(String, Value)> = conn.query(&cmd).await?;
+    Ok(entries
+        .first()
+        .and_then(|(id, _)| record::parse_entry_id(id.as_bytes())))
+}
+
+async fn is_end(conn: &mut Conn, channel: &Channel, s: u64, q: u64) -> Result<bool> {
+    let id = record::entry_id(s, q);
+    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = conn
+        .query(
+            redis::cmd("XRANGE")
+                .arg(channel.stream_key())
+                .arg(&id)
+                .arg(&id),
+        )
+        .await?;
+    Ok(entries
+        .first()
+        .and_then(|(_, f)| f.first())
+        .is_some_and(|(_, v)| v.get(1) == Some(&(record::Kind::End as u8))))
+}
+
+/// Keeps the reader's registration alive and learns how far behind the writer it is.
+async fn heartbeat(registration: Registration, shared: Arc<Shared>) {
+    let mut conn = registration.conn.clone();
+    let channel = registration.channel.clone();
+    loop {
+        tokio::time::sleep(READER_HEARTBEAT).await;
+        let position = *shared.position.lock().expect("not poisoned");
+        let mut pipe = redis::pipe();
+        if let Some(p) = &position {
+            registration.report(&mut pipe, p);
+        }
+        pipe.cmd("HSET")
+            .arg(channel.readers_key())
+            .arg(&registration.id)
+            .arg(unix_ms())
+            .ignore();
+        pipe.cmd("HMGET")
+            .arg(channel.meta_key())
+            .arg("session")
+            .arg("written");
+        match conn.pipe::<((Option<u64>, Option<u64>),)>(&pipe).await {
+            Ok(((Some(session), Some(written)),)) => {
+                let lag = if session == shared.session.load(Ordering::Relaxed) {
+                    written.saturating_sub(shared.bytes.load(Ordering::Relaxed)) + 1
+                } else {
+                    0
+                };
+                shared.lag.store(lag, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("reader heartbeat failed: {e}"),
+        }
+    }
+}
+
 struct SessionState {
     id: u64,
     lease: String,
     next_seq: u64,
     bytes: u64,
     max_payload: usize,
+    live: bool,
+    /// False once bytes were skipped: the digest can no longer be checked.
+    whole: bool,
     hasher: blake3::Hasher,
 }
 
@@ -191,12 +434,18 @@ struct Fetcher {
     conn: Conn,
     channel: Channel,
     follow: bool,
+    /// The first session may be joined in the middle (`--from oldest` / `--from now`).
+    join_mid_session: bool,
     tx: mpsc::Sender<Result<Event>>,
     /// Stream ID of the last entry handled: the next read starts after it.
     last_id: String,
+    /// The position last sent to the relay.
+    reported: Option<Position>,
     session: Option<SessionState>,
     count: usize,
     batch_bytes: usize,
+    shared: Arc<Shared>,
+    registration: Registration,
 }
 
 impl Fetcher {
@@ -205,6 +454,7 @@ impl Fetcher {
             Ok(()) => Ok(Event::Eof),
             Err(e) => Err(e),
         };
+        self.registration.clone().remove().await;
         let _ = self.tx.send(event).await;
     }
 
@@ -240,8 +490,16 @@ impl Fetcher {
         Ok(Step::Continue)
     }
 
+    /// Reads the next entries; reports the reader's position in the same round trip.
     async fn read(&mut self, block: Option<Duration>) -> Result<Vec<(String, Value)>> {
-        let mut cmd = redis::cmd("XREAD");
+        let position = *self.shared.position.lock().expect("not poisoned");
+        let mut pipe = redis::pipe();
+        if position != self.reported
+            && let Some(p) = &position
+        {
+            self.registration.report(&mut pipe, p);
+        }
+        let cmd = pipe.cmd("XREAD");
         cmd.arg("COUNT").arg(self.count);
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
@@ -249,10 +507,11 @@ impl Fetcher {
         cmd.arg("STREAMS")
             .arg(self.channel.stream_key())
             .arg(&self.last_id);
-        let reply: Value = self
+        let (reply,): (Value,) = self
             .conn
-            .query_unbounded(&cmd, block.unwrap_or_default() + COMMAND_TIMEOUT)
+            .pipe_unbounded(&pipe, block.unwrap_or_default() + COMMAND_TIMEOUT)
             .await?;
+        self.reported = position;
         self.parse_xread(reply)
     }
 
@@ -265,42 +524,38 @@ impl Fetcher {
     }
 
     fn parse_xread(&self, reply: Value) -> Result<Vec<(String, Value)>> {
+        let shape = || self.corrupt("the relay's XREAD answer has an unexpected shape".into());
         let streams = match reply {
             Value::Nil => return Ok(Vec::new()),
             Value::Array(streams) => streams
                 .into_iter()
                 .map(|s| match s {
                     Value::Array(mut kv) if kv.len() == 2 => Ok(kv.pop().expect("two items")),
-                    _ => Err(()),
+                    _ => Err(shape()),
                 })
-                .collect::<std::result::Result<Vec<_>, ()>>(),
-            Value::Map(kv) => Ok(kv.into_iter().map(|(_, v)| v).collect()),
-            _ => Err(()),
-        }
-        .map_err(|()| self.corrupt("the relay's XREAD answer has an unexpected shape".into()))?;
+                .collect::<Result<Vec<_>>>()?,
+            Value::Map(kv) => kv.into_iter().map(|(_, v)| v).collect(),
+            _ => return Err(shape()),
+        };
         let mut out = Vec::new();
         for entries in streams {
             let Value::Array(entries) = entries else {
-                return Err(self.corrupt("the relay's XREAD answer has an unexpected shape".into()));
+                return Err(shape());
             };
             for entry in entries {
-                match entry {
-                    Value::Array(mut pair) if pair.len() == 2 => {
-                        let fields = pair.pop().expect("two items");
-                        let id = match pair.pop().expect("two items") {
-                            Value::BulkString(id) => String::from_utf8(id)
-                                .map_err(|_| self.corrupt("a stream ID is not text".into()))?,
-                            Value::SimpleString(id) => id,
-                            _ => return Err(self.corrupt("a stream ID is not text".into())),
-                        };
-                        out.push((id, fields));
-                    }
-                    _ => {
-                        return Err(
-                            self.corrupt("the relay's XREAD answer has an unexpected shape".into())
-                        );
-                    }
+                let Value::Array(mut pair) = entry else {
+                    return Err(shape());
+                };
+                if pair.len() != 2 {
+                    return Err(shape());
                 }
+                let fields = pair.pop().expect("two items");
+                let id = match pair.pop().expect("two items") {
+                    Value::BulkString(id) => String::from_utf8(id).map_err(|_| shape())?,
+                    Value::SimpleString(id) => id,
+                    _ => return Err(shape()),
+                };
+                out.push((id, fields));
             }
         }
         Ok(out)
@@ -338,6 +593,15 @@ impl Fetcher {
         }
     }
 
+    fn set_position(&self, s: u64, q: u64) {
+        let offset = self.session.as_ref().map_or(0, |st| st.bytes);
+        *self.shared.position.lock().expect("not poisoned") = Some(Position {
+            session: s,
+            seq: q,
+            offset,
+        });
+    }
+
     async fn handle(&mut self, id: String, fields: Value) -> Result<Step> {
         let Some((s, q)) = record::parse_entry_id(id.as_bytes()) else {
             return Err(self.corrupt(format!("stream entry {id} does not have a tube ID")));
@@ -366,7 +630,7 @@ impl Fetcher {
             )));
         }
         self.last_id = id;
-        match rec.body {
+        let step = match rec.body {
             Body::Begin(begin) => {
                 if q != 0 {
                     return Err(self.corrupt(format!("begin record at {s}-{q}")));
@@ -383,70 +647,190 @@ impl Fetcher {
                         bytes: old.bytes,
                     })?;
                 }
-                self.begin(s, &begin);
-                Ok(Step::Continue)
+                self.begin(s, &begin, 0);
+                Step::Continue
             }
-            Body::Data(payload) => {
-                let limit = self.expect(s, q)?.max_payload;
-                if payload.len() > limit {
-                    return Err(self.corrupt(format!(
-                        "record {s}-{q} holds {} bytes, more than the writer's limit of {limit}",
-                        payload.len(),
-                    )));
-                }
-                let expected = self.expect(s, q)?;
-                expected.hasher.update(&payload);
-                expected.bytes += payload.len() as u64;
-                expected.next_seq += 1;
-                if self.tx.send(Ok(Event::Data(payload))).await.is_err() {
-                    // The reader was dropped: nobody wants more.
-                    return Ok(Step::Done);
-                }
-                Ok(Step::Continue)
+            Body::Data(data) => {
+                self.ensure_session(s, q, data.offset).await?;
+                self.data(s, q, data).await?
             }
             Body::End(end) => {
-                let state = self.expect(s, q)?;
+                self.ensure_session(s, q, end.total_len).await?;
+                let state = self.expect(s, q, None)?;
                 let bytes = state.bytes;
                 if end.total_len != bytes {
                     return Err(self.corrupt(format!(
-                        "the writer sent {} bytes but {bytes} arrived",
+                        "the writer sent {} bytes but the stream ends after {bytes}",
                         end.total_len
                     )));
                 }
-                if *state.hasher.finalize().as_bytes() != end.digest {
+                if state.whole && *state.hasher.finalize().as_bytes() != end.digest {
                     return Err(self.corrupt("the stream's digest does not match".into()));
                 }
                 self.session = None;
                 match end.status {
-                    EndStatus::Complete if self.follow => Ok(Step::Continue),
-                    EndStatus::Complete => Ok(Step::Done),
+                    EndStatus::Complete if self.follow => Step::Continue,
+                    EndStatus::Complete => Step::Done,
                     EndStatus::Interrupted => {
                         self.session_failed(Error::Interrupted {
                             channel: self.channel.name().into(),
                             bytes,
                         })?;
-                        Ok(Step::Continue)
+                        Step::Continue
                     }
                 }
             }
-        }
+        };
+        self.set_position(s, q);
+        Ok(step)
     }
 
-    /// The state of session `s`, checking that `s-q` is its next record.
-    fn expect(&mut self, s: u64, q: u64) -> Result<&mut SessionState> {
-        let Some(state) = &self.session else {
-            return Err(self.corrupt(format!(
-                "record {s}-{q} has no begin record before it: the start of session {s} is no longer on the relay"
-            )));
+    async fn data(&mut self, s: u64, q: u64, data: record::Data) -> Result<Step> {
+        let state = self.expect(s, q, Some(data.offset))?;
+        let limit = state.max_payload;
+        let payload = if data.zstd {
+            match zstd::bulk::decompress(&data.payload, limit) {
+                Ok(p) => Bytes::from(p),
+                Err(e) => {
+                    return Err(self.corrupt(format!("record {s}-{q} does not decompress: {e}")));
+                }
+            }
+        } else {
+            data.payload
         };
-        if state.id != s || state.next_seq != q {
-            let want = record::entry_id(state.id, state.next_seq);
-            return Err(self.corrupt(format!("expected record {want}, found {s}-{q}")));
+        if payload.len() > limit {
+            return Err(self.corrupt(format!(
+                "record {s}-{q} holds {} bytes, more than the writer's limit of {limit}",
+                payload.len(),
+            )));
+        }
+        let state = self.session.as_mut().expect("checked by expect");
+        state.hasher.update(&payload);
+        state.bytes += payload.len() as u64;
+        state.next_seq = q + 1;
+        self.shared.bytes.store(state.bytes, Ordering::Relaxed);
+        if payload.is_empty() {
+            return Ok(Step::Continue);
+        }
+        if self.tx.send(Ok(Event::Data(payload))).await.is_err() {
+            // The reader was dropped: nobody wants more.
+            return Ok(Step::Done);
+        }
+        Ok(Step::Continue)
+    }
+
+    /// The state of session `s`, checking that `s-q` (at byte `offset`, for data) comes next.
+    /// In a live session a jump forward is a skip, reported; anywhere else it is data loss.
+    fn expect(&mut self, s: u64, q: u64, offset: Option<u64>) -> Result<&mut SessionState> {
+        let Some(state) = &self.session else {
+            unreachable!("a session is joined before its records are handled");
+        };
+        let (id, next, bytes, live) = (state.id, state.next_seq, state.bytes, state.live);
+        if id != s || q < next {
+            return Err(self.corrupt(format!(
+                "expected record {}, found {s}-{q}",
+                record::entry_id(id, next)
+            )));
+        }
+        if q > next {
+            let lost_to = offset.unwrap_or(bytes);
+            if !live {
+                return Err(self.corrupt(format!(
+                    "expected record {}, found {s}-{q}: data is missing from byte {bytes}",
+                    record::entry_id(id, next)
+                )));
+            }
+            let skipped = lost_to.saturating_sub(bytes);
+            tracing::warn!(
+                "fell behind the writer of {}: skipped {skipped} bytes (from byte {bytes} to {lost_to})",
+                self.channel
+            );
+            self.shared.skipped.fetch_add(skipped, Ordering::Relaxed);
+            let state = self.session.as_mut().expect("checked above");
+            state.bytes = lost_to;
+            state.next_seq = q;
+            state.whole = false;
+        }
+        let state = self.session.as_mut().expect("checked above");
+        if let Some(offset) = offset
+            && offset != state.bytes
+        {
+            let at = state.bytes;
+            return Err(self.corrupt(format!(
+                "record {s}-{q} starts at byte {offset}, expected byte {at}"
+            )));
         }
         Ok(self.session.as_mut().expect("checked above"))
     }
 
-    fn begin(&mut self, id: u64, begin: &Begin) {
+    /// Makes session `s` the open session for its record `q` at byte `offset`.
+    async fn ensure_session(&mut self, s: u64, q: u64, offset: u64) -> Result<()> {
+        if let Some(open) = &self.session {
+            if open.id == s {
+                return Ok(());
+            }
+            if open.id > s {
+                return Err(self.corrupt(format!("record {s}-{q} follows session {}", open.id)));
+            }
+            // A later session's records while this one never ended: its writer died.
+            let old = self.session.take().expect("checked above");
+            self.session_failed(Error::WriterVanished {
+                channel: self.channel.name().into(),
+                bytes: old.bytes,
+            })?;
+        }
+        self.join(s, q, offset).await
+    }
+
+    /// Joins session `s` at record `q` (byte `offset`) without having seen its begin
+    /// record, when that is allowed: with `--from oldest/now`, or in a live session.
+    async fn join(&mut self, s: u64, q: u64, offset: u64) -> Result<()> {
+        let begin = self.meta_begin(s).await?;
+        let first_session = self.join_mid_session;
+        self.join_mid_session = false;
+        let Some(begin) = begin.filter(|b| first_session || b.live) else {
+            return Err(self.corrupt(format!(
+                "the start of session {s} is no longer on the relay (it was trimmed to stay \
+                 within the channel's backlog bound); use --from oldest to read from the oldest \
+                 byte still held"
+            )));
+        };
+        if offset > 0 && !first_session {
+            tracing::warn!(
+                "joined session {s} of {} at byte {offset}: the bytes before it are gone",
+                self.channel
+            );
+            self.shared.skipped.fetch_add(offset, Ordering::Relaxed);
+        }
+        self.begin(s, &begin, offset);
+        let state = self.session.as_mut().expect("just begun");
+        state.next_seq = q;
+        state.whole = false;
+        Ok(())
+    }
+
+    /// The begin record of session `s` as the meta hash keeps it, if it is that session's.
+    async fn meta_begin(&mut self, s: u64) -> Result<Option<Begin>> {
+        let raw: Option<Vec<u8>> = self
+            .conn
+            .query(redis::cmd("HGET").arg(self.channel.meta_key()).arg("begin"))
+            .await?;
+        let Some(raw) = raw else { return Ok(None) };
+        match record::decode(Bytes::from(raw)) {
+            Ok(record::Record {
+                session,
+                body: Body::Begin(b),
+                ..
+            }) if session == s => Ok(Some(b)),
+            Ok(_) => Ok(None),
+            Err(source) => Err(Error::Decode {
+                channel: self.channel.name().into(),
+                source,
+            }),
+        }
+    }
+
+    fn begin(&mut self, id: u64, begin: &Begin, offset: u64) {
         let max_payload = match begin.max_payload as usize {
             0 => MAX_CHUNK_SIZE,
             n => n.min(MAX_CHUNK_SIZE),
@@ -456,10 +840,14 @@ impl Fetcher {
             id,
             lease: lease_value(&begin.token),
             next_seq: 1,
-            bytes: 0,
+            bytes: offset,
             max_payload,
+            live: begin.live,
+            whole: offset == 0,
             hasher: blake3::Hasher::new(),
         });
+        self.shared.session.store(id, Ordering::Relaxed);
+        self.shared.bytes.store(offset, Ordering::Relaxed);
         tracing::debug!(channel = self.channel.name(), session = id, "session found");
     }
 }

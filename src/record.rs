@@ -21,9 +21,15 @@ pub const DIGEST_LEN: usize = 32;
 /// and add features old readers must refuse.
 pub const CRITICAL_TAG: u8 = 0x80;
 
+/// Data record flag: the payload is a zstd frame.
+pub const FLAG_ZSTD: u8 = 0x01;
+/// Bytes a data record carries before its payload: the header and the byte offset.
+pub const DATA_PREFIX_LEN: usize = HEADER_LEN + 8;
+
 const TAG_TOKEN: u8 = 0x01;
 const TAG_STARTED: u8 = 0x02;
 const TAG_MAX_PAYLOAD: u8 = 0x03;
+const TAG_LIVE: u8 = 0x04;
 
 /// Record kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +60,12 @@ pub struct Begin {
     pub token: [u8; 16],
     /// When the session started, in milliseconds since the Unix epoch.
     pub started_ms: u64,
-    /// Largest data payload the writer will append, so readers can size their batches.
+    /// Largest data payload (before compression) the writer will append, so readers can
+    /// size their batches and refuse absurd records.
     pub max_payload: u32,
+    /// Live session: the writer never waits for readers and the relay keeps only the newest
+    /// data, so readers may skip.
+    pub live: bool,
 }
 
 /// What an end record says about its session.
@@ -86,9 +96,20 @@ pub enum Body {
     /// See [`Begin`].
     Begin(Begin),
     /// A piece of the stream.
-    Data(Bytes),
+    Data(Data),
     /// See [`End`].
     End(End),
+}
+
+/// A piece of the stream as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Data {
+    /// Position of the piece's first byte in the session's stream.
+    pub offset: u64,
+    /// Whether `payload` is a zstd frame holding the piece.
+    pub zstd: bool,
+    /// The bytes, compressed when `zstd` is set.
+    pub payload: Bytes,
 }
 
 /// Why a record could not be decoded.
@@ -141,10 +162,10 @@ pub fn parse_entry_id(id: &[u8]) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-fn header(buf: &mut BytesMut, kind: Kind, session: u64, seq: u64) {
+fn header(buf: &mut BytesMut, kind: Kind, flags: u8, session: u64, seq: u64) {
     buf.put_u8(VERSION);
     buf.put_u8(kind as u8);
-    buf.put_u8(0); // flags
+    buf.put_u8(flags);
     buf.put_u8(0); // reserved
     buf.put_u64(session);
     buf.put_u64(seq);
@@ -153,10 +174,11 @@ fn header(buf: &mut BytesMut, kind: Kind, session: u64, seq: u64) {
 /// Encodes a begin record.
 pub fn encode_begin(session: u64, begin: &Begin) -> Bytes {
     let mut buf = BytesMut::with_capacity(HEADER_LEN + 40);
-    header(&mut buf, Kind::Begin, session, 0);
+    header(&mut buf, Kind::Begin, 0, session, 0);
     put_option(&mut buf, TAG_TOKEN, &begin.token);
     put_option(&mut buf, TAG_STARTED, &begin.started_ms.to_be_bytes());
     put_option(&mut buf, TAG_MAX_PAYLOAD, &begin.max_payload.to_be_bytes());
+    put_option(&mut buf, TAG_LIVE, &[u8::from(begin.live)]);
     buf.freeze()
 }
 
@@ -166,15 +188,17 @@ fn put_option(buf: &mut BytesMut, tag: u8, value: &[u8]) {
     buf.put_slice(value);
 }
 
-/// Writes the header of a data record into `buf`; the payload follows it.
-pub fn encode_data_header(buf: &mut BytesMut, session: u64, seq: u64) {
-    header(buf, Kind::Data, session, seq);
+/// Writes the fixed part of a data record ([`DATA_PREFIX_LEN`] bytes); the payload follows.
+pub fn encode_data_prefix(buf: &mut BytesMut, session: u64, seq: u64, offset: u64, zstd: bool) {
+    let flags = if zstd { FLAG_ZSTD } else { 0 };
+    header(buf, Kind::Data, flags, session, seq);
+    buf.put_u64(offset);
 }
 
-/// Encodes a data record (header and payload in one buffer).
-pub fn encode_data(session: u64, seq: u64, payload: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(HEADER_LEN + payload.len());
-    encode_data_header(&mut buf, session, seq);
+/// Encodes a data record in one buffer.
+pub fn encode_data(session: u64, seq: u64, offset: u64, zstd: bool, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(DATA_PREFIX_LEN + payload.len());
+    encode_data_prefix(&mut buf, session, seq, offset, zstd);
     buf.put_slice(payload);
     buf.freeze()
 }
@@ -182,7 +206,7 @@ pub fn encode_data(session: u64, seq: u64, payload: &[u8]) -> Bytes {
 /// Encodes an end record.
 pub fn encode_end(session: u64, seq: u64, end: &End) -> Bytes {
     let mut buf = BytesMut::with_capacity(HEADER_LEN + 1 + 8 + DIGEST_LEN);
-    header(&mut buf, Kind::End, session, seq);
+    header(&mut buf, Kind::End, 0, session, seq);
     buf.put_u8(end.status as u8);
     buf.put_u64(end.total_len);
     buf.put_slice(&end.digest);
@@ -206,7 +230,12 @@ pub fn decode(raw: Bytes) -> Result<Record, DecodeError> {
         return Err(DecodeError::Version(raw[0]));
     }
     let flags = raw[2];
-    if flags != 0 {
+    let known_flags = if raw[1] == Kind::Data as u8 {
+        FLAG_ZSTD
+    } else {
+        0
+    };
+    if flags & !known_flags != 0 {
         return Err(DecodeError::Flags(flags));
     }
     if raw[3] != 0 {
@@ -216,7 +245,16 @@ pub fn decode(raw: Bytes) -> Result<Record, DecodeError> {
     let seq = be_u64(&raw[12..20]);
     let body = match raw[1] {
         k if k == Kind::Begin as u8 => Body::Begin(decode_begin(&raw[HEADER_LEN..])?),
-        k if k == Kind::Data as u8 => Body::Data(raw.slice(HEADER_LEN..)),
+        k if k == Kind::Data as u8 => {
+            if raw.len() < DATA_PREFIX_LEN {
+                return Err(DecodeError::Truncated);
+            }
+            Body::Data(Data {
+                offset: be_u64(&raw[HEADER_LEN..DATA_PREFIX_LEN]),
+                zstd: flags & FLAG_ZSTD != 0,
+                payload: raw.slice(DATA_PREFIX_LEN..),
+            })
+        }
         k if k == Kind::End as u8 => Body::End(decode_end(&raw[HEADER_LEN..])?),
         k => return Err(DecodeError::Kind(k)),
     };
@@ -227,6 +265,7 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
     let mut token = None;
     let mut started_ms = None;
     let mut max_payload = None;
+    let mut live = false;
     while !p.is_empty() {
         if p.len() < 3 {
             return Err(DecodeError::Truncated);
@@ -246,7 +285,8 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
             TAG_MAX_PAYLOAD if len == 4 => {
                 max_payload = Some(u32::from_be_bytes(value.try_into().expect("4 bytes")))
             }
-            TAG_STARTED | TAG_MAX_PAYLOAD => {
+            TAG_LIVE if len == 1 => live = value[0] != 0,
+            TAG_STARTED | TAG_MAX_PAYLOAD | TAG_LIVE => {
                 return Err(DecodeError::Malformed("begin option has the wrong length"));
             }
             t if t >= CRITICAL_TAG => return Err(DecodeError::CriticalOption(t)),
@@ -258,6 +298,7 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
         token: token.ok_or(DecodeError::Malformed("begin record has no writer token"))?,
         started_ms: started_ms.unwrap_or(0),
         max_payload: max_payload.unwrap_or(0),
+        live,
     })
 }
 
@@ -284,18 +325,21 @@ mod tests {
 
     #[test]
     fn data_record_layout_is_stable() {
-        let r = encode_data(7, 9, b"hi");
-        assert_eq!(
-            &r[..],
-            &[
-                1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 9, b'h', b'i'
-            ]
-        );
+        let r = encode_data(7, 9, 258, true, b"hi");
+        #[rustfmt::skip]
+        let want = [
+            1, 2, 1, 0,                 // version, kind data, flag zstd, reserved
+            0, 0, 0, 0, 0, 0, 0, 7,     // session
+            0, 0, 0, 0, 0, 0, 0, 9,     // sequence
+            0, 0, 0, 0, 0, 0, 1, 2,     // offset
+            b'h', b'i',
+        ];
+        assert_eq!(&r[..], &want);
     }
 
     #[test]
     fn newer_versions_are_named() {
-        let mut r = encode_data(1, 1, b"x").to_vec();
+        let mut r = encode_data(1, 1, 0, false, b"x").to_vec();
         r[0] = 2;
         assert_eq!(decode(r.into()), Err(DecodeError::Version(2)));
     }
@@ -306,6 +350,7 @@ mod tests {
             token: [3; 16],
             started_ms: 5,
             max_payload: 1024,
+            live: true,
         };
         let mut raw = encode_begin(4, &begin).to_vec();
         raw.extend_from_slice(&[0x10, 0, 2, 9, 9]);
@@ -325,14 +370,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn data_round_trips(session in 1u64.., seq in 1u64.., payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            let rec = decode(encode_data(session, seq, &payload)).unwrap();
-            prop_assert_eq!(rec, Record { session, seq, body: Body::Data(Bytes::from(payload)) });
+        fn data_round_trips(session in 1u64.., seq in 1u64.., offset in any::<u64>(), zstd in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let rec = decode(encode_data(session, seq, offset, zstd, &payload)).unwrap();
+            let data = Data { offset, zstd, payload: Bytes::from(payload) };
+            prop_assert_eq!(rec, Record { session, seq, body: Body::Data(data) });
         }
 
         #[test]
-        fn begin_round_trips(session in 1u64.., token in any::<[u8; 16]>(), started_ms in any::<u64>(), max_payload in any::<u32>()) {
-            let begin = Begin { token, started_ms, max_payload };
+        fn begin_round_trips(session in 1u64.., token in any::<[u8; 16]>(), started_ms in any::<u64>(), max_payload in any::<u32>(), live in any::<bool>()) {
+            let begin = Begin { token, started_ms, max_payload, live };
             let rec = decode(encode_begin(session, &begin)).unwrap();
             prop_assert_eq!(rec, Record { session, seq: 0, body: Body::Begin(begin) });
         }
@@ -352,7 +398,7 @@ mod tests {
 
         #[test]
         fn decoding_mutated_records_never_panics(pos in 0usize..64, byte in any::<u8>(), cut in 0usize..64) {
-            let mut raw = encode_begin(1, &Begin { token: [1; 16], started_ms: 2, max_payload: 3 }).to_vec();
+            let mut raw = encode_begin(1, &Begin { token: [1; 16], started_ms: 2, max_payload: 3, live: false }).to_vec();
             let len = raw.len();
             raw[pos % len] = byte;
             raw.truncate(len - cut % len);

@@ -2,8 +2,12 @@
 //!
 //! Data flows: caller -> bounded queue -> sender task -> pipelined `XADD`s on one connection.
 //! The sender keeps up to `window` appends in flight, so a distant relay costs one round trip
-//! per window rather than per record. A second connection renews the writer's lease, so that
-//! renewals never queue behind megabytes of data.
+//! per window rather than per record. A second connection renews the writer's lease and keeps
+//! the channel's keys alive, so that renewals never queue behind megabytes of data.
+//!
+//! The relay holds at most `max_backlog` bytes of the channel. To append past that, the
+//! sender trims the oldest records, but in a reliable session only records every live reader
+//! has already fetched: otherwise it waits, and the wait travels back to the producer.
 
 use crate::channel::Channel;
 use crate::client::{Conn, RelayConfig};
@@ -12,12 +16,14 @@ use crate::record::{self, Begin, End, EndStatus};
 use crate::session::{self, lease_value};
 use bytes::{BufMut, Bytes, BytesMut};
 use redis::{RedisResult, RedisWrite, ToRedisArgs, Value};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -36,6 +42,15 @@ pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 pub const DEFAULT_WINDOW: usize = 16;
 /// Largest record payload accepted by [`WriteOptions`]; readers refuse larger records.
 pub const MAX_CHUNK_SIZE: usize = 16 * 1024 * 1024;
+/// Default bound of the bytes the relay holds for one channel.
+pub const DEFAULT_MAX_BACKLOG: u64 = 64 * 1024 * 1024;
+/// Default time after which an idle channel's keys expire.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How old the readers' positions may be when the writer decides what to trim.
+const READERS_STALE: Duration = Duration::from_millis(500);
+/// Longest pause between looks at the readers' positions while waiting for them.
+const MAX_READER_POLL: Duration = Duration::from_millis(200);
 
 /// How a writer sends.
 #[derive(Debug, Clone)]
@@ -45,6 +60,14 @@ pub struct WriteOptions {
     pub chunk_size: usize,
     /// Appends in flight at most.
     pub window: usize,
+    /// Most bytes of records the relay holds for the channel (one record more at worst).
+    pub max_backlog: u64,
+    /// Live session: never wait for readers; the relay keeps only the newest data.
+    pub live: bool,
+    /// The channel's keys expire after this long without activity.
+    pub ttl: Duration,
+    /// Compress records with zstd at this level; a record that does not shrink is sent as is.
+    pub zstd_level: Option<i32>,
 }
 
 impl Default for WriteOptions {
@@ -52,6 +75,10 @@ impl Default for WriteOptions {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
             window: DEFAULT_WINDOW,
+            max_backlog: DEFAULT_MAX_BACKLOG,
+            live: false,
+            ttl: DEFAULT_TTL,
+            zstd_level: None,
         }
     }
 }
@@ -67,6 +94,24 @@ pub struct Summary {
     pub records: u64,
     /// How the session ended.
     pub status: EndStatus,
+}
+
+/// A writer's progress, for display.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterProgress {
+    /// Bytes accepted into the session so far.
+    pub bytes: u64,
+    /// Bytes of records the relay holds for the channel.
+    pub held: u64,
+    /// Whether the writer is waiting for readers to make room.
+    pub waiting: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    bytes: AtomicU64,
+    held: AtomicU64,
+    waiting: AtomicBool,
 }
 
 enum Msg {
@@ -99,6 +144,7 @@ pub struct Writer {
     finishing: bool,
     summary: Option<Summary>,
     session: u64,
+    shared: Arc<Shared>,
 }
 
 impl Writer {
@@ -110,6 +156,7 @@ impl Writer {
     pub async fn start(relay: &RelayConfig, channel: &Channel, opts: WriteOptions) -> Result<Self> {
         let chunk_size = opts.chunk_size.clamp(1, MAX_CHUNK_SIZE);
         let window = opts.window.clamp(1, crate::client::PIPELINE_BUFFER / 2);
+        let ttl_ms = opts.ttl.as_millis().clamp(1000, u128::from(u64::MAX)) as u64;
         let mut ctl = relay.connect().await?;
         if session::inspect(&mut ctl, channel).await?.lease.is_some() {
             return Err(Error::Busy {
@@ -134,25 +181,41 @@ impl Writer {
             });
         }
         let begun = async {
-            let session = next_session(&mut ctl, channel).await?;
+            let (session, held_before) = next_session(&mut ctl, channel).await?;
             let begin = Begin {
                 token,
                 started_ms: unix_ms(),
                 max_payload: chunk_size as u32,
+                live: opts.live,
             };
-            let _: Value = ctl
-                .query(&xadd(
-                    channel,
-                    session,
-                    0,
-                    &record::encode_begin(session, &begin)[..],
-                ))
-                .await?;
+            let begin = record::encode_begin(session, &begin);
+            let mut pipe = redis::pipe();
+            pipe.cmd("HSET")
+                .arg(channel.meta_key())
+                .arg("begin")
+                .arg(&begin[..])
+                .arg("mode")
+                .arg(if opts.live { "live" } else { "reliable" })
+                .arg("ttl")
+                .arg(ttl_ms)
+                .arg("written")
+                .arg(0)
+                .arg("rate")
+                .arg(0)
+                .arg("active")
+                .arg(unix_ms())
+                .ignore();
+            pipe.add_command(xadd(channel, session, 0, &begin[..]))
+                .ignore();
+            for key in [channel.stream_key(), channel.meta_key()] {
+                pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
+            }
+            let () = ctl.pipe(&pipe).await?;
             let data = relay.connect().await?;
-            Ok::<_, Error>((session, data))
+            Ok::<_, Error>((session, held_before, begin.len() as u64, data))
         }
         .await;
-        let (session, data) = match begun {
+        let (session, held_before, begin_len, data) = match begun {
             Ok(v) => v,
             Err(e) => {
                 release_lease(&mut ctl, channel, &lease).await;
@@ -161,15 +224,30 @@ impl Writer {
         };
         tracing::debug!(channel = channel.name(), session, "session started");
 
+        let shared = Arc::new(Shared::default());
         let (lost_tx, lost_rx) = watch::channel(None);
         let stop = CancellationToken::new();
-        tokio::spawn(heartbeat(
-            ctl.clone(),
-            channel.writer_key(),
-            lease.clone(),
-            lost_tx,
-            stop.clone(),
-        ));
+        tokio::spawn(
+            Heartbeat {
+                ctl: ctl.clone(),
+                channel: channel.clone(),
+                lease: lease.clone(),
+                ttl_ms,
+                shared: shared.clone(),
+            }
+            .run(lost_tx, stop.clone()),
+        );
+        let mut held = VecDeque::new();
+        if held_before > 0 {
+            held.push_back(Held {
+                upto: (session - 1, u64::MAX),
+                bytes: held_before,
+            });
+        }
+        held.push_back(Held {
+            upto: (session, 0),
+            bytes: begin_len,
+        });
         let (tx, rx) = mpsc::channel(8);
         let sender = Sender {
             rx,
@@ -180,9 +258,18 @@ impl Writer {
             lease,
             chunk_size,
             window,
+            max_backlog: opts.max_backlog.max(1),
+            live: opts.live,
+            zstd_level: opts.zstd_level,
+            held_total: held.iter().map(|h| h.bytes).sum(),
+            held,
+            readers: None,
+            readers_seen: Instant::now(),
             lost: lost_rx,
             stop_heartbeat: stop,
+            shared: shared.clone(),
         };
+        shared.held.store(sender.held_total, Ordering::Relaxed);
         Ok(Self {
             tx: PollSender::new(tx),
             task: Some(tokio::spawn(sender.run())),
@@ -191,6 +278,7 @@ impl Writer {
             finishing: false,
             summary: None,
             session,
+            shared,
         })
     }
 
@@ -199,8 +287,23 @@ impl Writer {
         self.session
     }
 
+    /// Progress so far.
+    pub fn progress(&self) -> WriterProgress {
+        self.progress_handle()()
+    }
+
+    /// A function that returns the progress, for a display that outlives borrows.
+    pub fn progress_handle(&self) -> impl Fn() -> WriterProgress + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || WriterProgress {
+            bytes: shared.bytes.load(Ordering::Relaxed),
+            held: shared.held.load(Ordering::Relaxed),
+            waiting: shared.waiting.load(Ordering::Relaxed),
+        }
+    }
+
     /// Queues `data` for sending without copying it. Waits while the queue is full, which is
-    /// how a slow relay holds back the producer.
+    /// how a slow relay or slow readers hold back the producer.
     ///
     /// # Errors
     /// The error that stopped the writer, if it has stopped.
@@ -365,6 +468,21 @@ impl AsyncWrite for Writer {
     }
 }
 
+/// Records the relay holds, oldest first: trimming everything up to `upto` frees `bytes`.
+struct Held {
+    /// Stream ID `(session, seq)` of the last entry of this span.
+    upto: (u64, u64),
+    bytes: u64,
+}
+
+/// A request in flight on the data connection.
+enum Request {
+    Append(u64),
+    Trim,
+}
+
+type Reply = Pin<Box<dyn Future<Output = RedisResult<Value>> + Send>>;
+
 /// The background half of a [`Writer`].
 struct Sender {
     rx: mpsc::Receiver<Msg>,
@@ -375,16 +493,24 @@ struct Sender {
     lease: String,
     chunk_size: usize,
     window: usize,
+    max_backlog: u64,
+    live: bool,
+    zstd_level: Option<i32>,
+    held: VecDeque<Held>,
+    held_total: u64,
+    /// Position of the slowest live reader as last seen; `None` when none is registered.
+    readers: Option<(u64, u64)>,
+    readers_seen: Instant,
     lost: watch::Receiver<Option<String>>,
     stop_heartbeat: CancellationToken,
+    shared: Arc<Shared>,
 }
-
-type Append = Pin<Box<dyn Future<Output = RedisResult<Value>> + Send>>;
 
 impl Sender {
     async fn run(mut self) -> Result<Summary> {
         let outcome = self.pump().await;
         self.stop_heartbeat.cancel();
+        self.publish_stats().await;
         release_lease(&mut self.ctl, &self.channel, &self.lease).await;
         match &outcome {
             Ok(s) => tracing::debug!(channel = self.channel.name(), ?s, "session ended"),
@@ -394,55 +520,89 @@ impl Sender {
     }
 
     async fn pump(&mut self) -> Result<Summary> {
-        let mut inflight: VecDeque<(u64, Append)> = VecDeque::new();
+        let mut inflight: VecDeque<(Request, Reply)> = VecDeque::new();
         let mut peeked: Option<Msg> = None;
+        // The next record, encoded and waiting for room on the relay.
+        let mut ready_record: Option<(RecordArg, u64)> = None;
+        let mut poll_pause = Duration::from_millis(5);
         let mut seq = 1u64;
         let mut bytes = 0u64;
         let mut hasher = blake3::Hasher::new();
         let status = loop {
-            let msg = if inflight.len() < self.window && peeked.is_some() {
-                peeked.take()
-            } else {
-                tokio::select! {
-                    biased;
-                    changed = self.lost.changed() => {
-                        let reason = self.lost.borrow().clone();
-                        if let (Ok(()), Some(reason)) = (changed, reason) {
-                            return Err(Error::LeaseLost { channel: self.channel.name().into(), reason });
+            let room = inflight.len() < self.window;
+            if room {
+                if let Some((record, size)) = ready_record.take() {
+                    if self.held_total + size > self.max_backlog
+                        && self.readers_seen.elapsed() > READERS_STALE
+                    {
+                        // Trimming depends on who reads: look again before deciding.
+                        self.refresh_readers().await?;
+                    }
+                    match self.make_room(size) {
+                        Room::Free(trim) => {
+                            if let Some(upto) = trim {
+                                inflight.push_back((
+                                    Request::Trim,
+                                    issue(self.data.raw(), self.xtrim(upto)).await,
+                                ));
+                            }
+                            let rseq = record.seq;
+                            self.push_held((self.session, rseq), size);
+                            let cmd = xadd(&self.channel, self.session, rseq, record);
+                            inflight.push_back((
+                                Request::Append(rseq),
+                                issue(self.data.raw(), cmd).await,
+                            ));
+                            self.shared.waiting.store(false, Ordering::Relaxed);
+                            poll_pause = Duration::from_millis(5);
+                            continue;
                         }
-                        continue;
+                        Room::Wait(trim) => {
+                            if let Some(upto) = trim {
+                                inflight.push_back((
+                                    Request::Trim,
+                                    issue(self.data.raw(), self.xtrim(upto)).await,
+                                ));
+                            }
+                            self.shared.waiting.store(true, Ordering::Relaxed);
+                            ready_record = Some((record, size));
+                        }
                     }
-                    acked = async { let front = inflight.front_mut().expect("non-empty"); (front.0, (&mut front.1).await) }, if !inflight.is_empty() => {
-                        inflight.pop_front();
-                        self.check_ack(acked.0, acked.1)?;
-                        continue;
+                } else if let Some(msg) = peeked.take() {
+                    match self.accept(msg, &mut peeked, &mut inflight).await? {
+                        Accepted::Record(payload) => {
+                            hasher.update(&payload);
+                            let offset = bytes;
+                            bytes += payload.len() as u64;
+                            self.shared.bytes.store(bytes, Ordering::Relaxed);
+                            ready_record = Some(self.encode(seq, offset, payload));
+                            seq += 1;
+                        }
+                        Accepted::Nothing => {}
+                        Accepted::End(status) => break status,
                     }
-                    msg = self.rx.recv(), if inflight.len() < self.window => msg,
+                    continue;
                 }
-            };
-            match msg {
-                None => break EndStatus::Interrupted,
-                Some(Msg::Finish(status)) => break status,
-                Some(Msg::Flush(done)) => {
-                    self.drain(&mut inflight).await?;
-                    let _ = done.send(());
+            }
+            let waiting_for_readers = ready_record.is_some() && room;
+            tokio::select! {
+                biased;
+                changed = self.lost.changed() => {
+                    let reason = self.lost.borrow().clone();
+                    if let (Ok(()), Some(reason)) = (changed, reason) {
+                        return Err(Error::LeaseLost { channel: self.channel.name().into(), reason });
+                    }
                 }
-                Some(Msg::Data(first)) => {
-                    let payload = self.coalesce(first, &mut peeked);
-                    hasher.update(&payload);
-                    bytes += payload.len() as u64;
-                    let cmd = xadd(
-                        &self.channel,
-                        self.session,
-                        seq,
-                        RecordArg {
-                            session: self.session,
-                            seq,
-                            payload,
-                        },
-                    );
-                    inflight.push_back((seq, issue(self.data.raw(), cmd).await));
-                    seq += 1;
+                acked = async { let front = inflight.front_mut().expect("non-empty"); (&mut front.1).await }, if !inflight.is_empty() => {
+                    let (request, _) = inflight.pop_front().expect("non-empty");
+                    self.check_reply(&request, acked)?;
+                }
+                _ = tokio::time::sleep(poll_pause), if waiting_for_readers => {
+                    self.refresh_readers().await?;
+                    poll_pause = (poll_pause * 2).min(MAX_READER_POLL);
+                }
+                msg = self.rx.recv(), if room && ready_record.is_none() && peeked.is_none() => {
+                    peeked = Some(msg.map_or(Msg::Finish(EndStatus::Interrupted), |m| m));
                 }
             }
         };
@@ -452,22 +612,134 @@ impl Sender {
             total_len: bytes,
             digest: *hasher.finalize().as_bytes(),
         };
+        let end = record::encode_end(self.session, seq, &end);
         let reply: Value = self
             .data
-            .query(&xadd(
-                &self.channel,
-                self.session,
-                seq,
-                &record::encode_end(self.session, seq, &end)[..],
-            ))
+            .query(&xadd(&self.channel, self.session, seq, &end[..]))
             .await?;
-        self.check_ack(seq, Ok(reply))?;
+        self.check_reply(&Request::Append(seq), Ok(reply))?;
+        self.push_held((self.session, seq), end.len() as u64);
         Ok(Summary {
             session: self.session,
             bytes,
             records: seq - 1,
             status,
         })
+    }
+
+    /// Handles one message from the caller.
+    async fn accept(
+        &mut self,
+        msg: Msg,
+        peeked: &mut Option<Msg>,
+        inflight: &mut VecDeque<(Request, Reply)>,
+    ) -> Result<Accepted> {
+        match msg {
+            Msg::Finish(status) => Ok(Accepted::End(status)),
+            Msg::Flush(done) => {
+                self.drain(inflight).await?;
+                let _ = done.send(());
+                Ok(Accepted::Nothing)
+            }
+            Msg::Data(first) => Ok(Accepted::Record(self.coalesce(first, peeked))),
+        }
+    }
+
+    /// Builds a record for `payload`, compressed when that makes it smaller.
+    fn encode(&self, seq: u64, offset: u64, payload: Bytes) -> (RecordArg, u64) {
+        let (payload, zstd) = match self.zstd_level {
+            Some(level) => match zstd::bulk::compress(&payload, level) {
+                Ok(packed) if packed.len() < payload.len() => (Bytes::from(packed), true),
+                _ => (payload, false),
+            },
+            None => (payload, false),
+        };
+        let size = (record::DATA_PREFIX_LEN + payload.len()) as u64;
+        let record = RecordArg {
+            session: self.session,
+            seq,
+            offset,
+            zstd,
+            payload,
+        };
+        (record, size)
+    }
+
+    /// Decides whether a record of `size` bytes fits: trims what may be trimmed and says
+    /// up to where, and whether the record may go now or must wait for readers.
+    fn make_room(&mut self, size: u64) -> Room {
+        let mut trim = None;
+        while self.held_total + size > self.max_backlog {
+            let Some(front) = self.held.front() else {
+                break;
+            };
+            if !self.live && !self.may_trim(front.upto) {
+                return Room::Wait(trim);
+            }
+            trim = Some(front.upto);
+            self.held_total -= front.bytes;
+            self.held.pop_front();
+        }
+        self.shared.held.store(self.held_total, Ordering::Relaxed);
+        Room::Free(trim)
+    }
+
+    /// Whether no live reader still needs the records up to `upto`.
+    fn may_trim(&self, upto: (u64, u64)) -> bool {
+        match self.readers {
+            Some(slowest) => upto <= slowest,
+            // Nobody reads: older sessions make room for this one, but this session is kept
+            // whole for the reader that comes later.
+            None => upto.0 < self.session,
+        }
+    }
+
+    fn push_held(&mut self, id: (u64, u64), size: u64) {
+        self.held.push_back(Held {
+            upto: id,
+            bytes: size,
+        });
+        self.held_total += size;
+        self.shared.held.store(self.held_total, Ordering::Relaxed);
+    }
+
+    fn xtrim(&self, upto: (u64, u64)) -> redis::Cmd {
+        let min_id = if upto.1 == u64::MAX {
+            record::entry_id(upto.0 + 1, 0)
+        } else {
+            record::entry_id(upto.0, upto.1 + 1)
+        };
+        let mut cmd = redis::cmd("XTRIM");
+        cmd.arg(self.channel.stream_key())
+            .arg("MINID")
+            .arg("=")
+            .arg(min_id);
+        cmd
+    }
+
+    /// Reads the live readers' positions; forgets readers whose position key expired.
+    async fn refresh_readers(&mut self) -> Result<()> {
+        let (slowest, _) = reader_positions(&mut self.ctl, &self.channel, true).await?;
+        self.readers = slowest.map(|p| (p.session, p.seq));
+        self.readers_seen = Instant::now();
+        Ok(())
+    }
+
+    /// Keeps the channel's statistics in its meta hash current.
+    async fn publish_stats(&mut self) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(self.channel.meta_key())
+            .arg("written")
+            .arg(self.shared.bytes.load(Ordering::Relaxed))
+            .arg("held")
+            .arg(self.held_total)
+            .arg("rate")
+            .arg(0)
+            .arg("active")
+            .arg(unix_ms())
+            .ignore();
+        let _: Result<()> = self.ctl.pipe(&pipe).await;
     }
 
     /// Joins queued data into one payload of at most `chunk_size` bytes. Only data already
@@ -509,36 +781,114 @@ impl Sender {
         joined.map_or(first, BytesMut::freeze)
     }
 
-    async fn drain(&mut self, inflight: &mut VecDeque<(u64, Append)>) -> Result<()> {
-        while let Some((seq, append)) = inflight.pop_front() {
-            let reply = append.await;
-            self.check_ack(seq, reply)?;
+    async fn drain(&mut self, inflight: &mut VecDeque<(Request, Reply)>) -> Result<()> {
+        while let Some((request, reply)) = inflight.pop_front() {
+            let reply = reply.await;
+            self.check_reply(&request, reply)?;
         }
         Ok(())
     }
 
-    fn check_ack(&self, seq: u64, reply: RedisResult<Value>) -> Result<()> {
-        let want = record::entry_id(self.session, seq);
-        match reply {
-            Ok(Value::BulkString(id)) if id == want.as_bytes() => Ok(()),
-            Ok(other) => Err(Error::Relay {
+    fn check_reply(&self, request: &Request, reply: RedisResult<Value>) -> Result<()> {
+        match (request, reply) {
+            (Request::Append(seq), Ok(Value::BulkString(id)))
+                if id == record::entry_id(self.session, *seq).as_bytes() =>
+            {
+                Ok(())
+            }
+            (Request::Trim, Ok(Value::Int(_))) => Ok(()),
+            (_, Ok(other)) => Err(Error::Relay {
                 addr: self.data.addr().into(),
-                reason: format!("XADD of {want} was answered with {other:?}"),
+                reason: format!("unexpected answer {other:?}"),
             }),
-            Err(e) => Err(self.data.error(&e)),
+            (_, Err(e)) => Err(self.data.error(&e)),
         }
     }
 }
 
-/// Sends one append and returns the future of its reply, after the request has entered the
+enum Accepted {
+    Record(Bytes),
+    Nothing,
+    End(EndStatus),
+}
+
+enum Room {
+    /// The record fits (after trimming up to the ID given, if any).
+    Free(Option<(u64, u64)>),
+    /// The record must wait for readers (after trimming up to the ID given, if any).
+    Wait(Option<(u64, u64)>),
+}
+
+/// A reader's position as it reports it: the last record it fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Position {
+    pub session: u64,
+    pub seq: u64,
+    pub offset: u64,
+}
+
+impl Position {
+    pub(crate) fn encode(&self) -> String {
+        format!("{}-{} {}", self.session, self.seq, self.offset)
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        let (id, offset) = s.split_once(' ')?;
+        let (session, seq) = record::parse_entry_id(id.as_bytes())?;
+        Some(Self {
+            session,
+            seq,
+            offset: offset.parse().ok()?,
+        })
+    }
+}
+
+/// The live readers' positions and the slowest of them. With `forget`, readers whose
+/// position key has expired are removed from the registry.
+pub(crate) async fn reader_positions(
+    ctl: &mut Conn,
+    channel: &Channel,
+    forget: bool,
+) -> Result<(Option<Position>, HashMap<String, Position>)> {
+    let ids: HashMap<String, String> = ctl
+        .query(redis::cmd("HGETALL").arg(channel.readers_key()))
+        .await?;
+    if ids.is_empty() {
+        return Ok((None, HashMap::new()));
+    }
+    let ids: Vec<String> = ids.into_keys().collect();
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("GET").arg(channel.reader_key(id));
+    }
+    let values: Vec<Option<String>> = ctl.pipe(&pipe).await?;
+    let mut live = HashMap::new();
+    let mut dead = Vec::new();
+    for (id, value) in ids.into_iter().zip(values) {
+        match value.as_deref().and_then(Position::parse) {
+            Some(p) => {
+                live.insert(id, p);
+            }
+            None => dead.push(id),
+        }
+    }
+    if forget && !dead.is_empty() {
+        let _: Result<i64> = ctl
+            .query(redis::cmd("HDEL").arg(channel.readers_key()).arg(&dead))
+            .await;
+    }
+    Ok((live.values().min().copied(), live))
+}
+
+/// Sends one request and returns the future of its reply, after the request has entered the
 /// connection's queue. Appends must reach the relay in sequence order: queuing each one
 /// before the next is built guarantees that.
-async fn issue(mut conn: redis::aio::MultiplexedConnection, cmd: redis::Cmd) -> Append {
+async fn issue(mut conn: redis::aio::MultiplexedConnection, cmd: redis::Cmd) -> Reply {
     // The first poll puts the request into the connection's queue (which has room for more
     // than a window of requests), so the order of requests is the order of these calls.
     // `unconstrained`: tokio's cooperative budget could otherwise make that first poll return
     // Pending without queuing anything, and a later append would overtake this one.
-    let mut fut: Append = Box::pin(tokio::task::unconstrained(async move {
+    let mut fut: Reply = Box::pin(tokio::task::unconstrained(async move {
         conn.send_packed_command(&cmd).await
     }));
     match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
@@ -551,6 +901,8 @@ async fn issue(mut conn: redis::aio::MultiplexedConnection, cmd: redis::Cmd) -> 
 struct RecordArg {
     session: u64,
     seq: u64,
+    offset: u64,
+    zstd: bool,
     payload: Bytes,
 }
 
@@ -559,11 +911,11 @@ impl ToRedisArgs for RecordArg {
     where
         W: ?Sized + RedisWrite,
     {
-        let mut header = BytesMut::with_capacity(record::HEADER_LEN);
-        record::encode_data_header(&mut header, self.session, self.seq);
+        let mut prefix = BytesMut::with_capacity(record::DATA_PREFIX_LEN);
+        record::encode_data_prefix(&mut prefix, self.session, self.seq, self.offset, self.zstd);
         let mut w = out.writer_for_next_arg();
         // Writing into the command's own buffer cannot fail.
-        let _ = io::Write::write_all(&mut w, &header);
+        let _ = io::Write::write_all(&mut w, &prefix);
         let _ = io::Write::write_all(&mut w, &self.payload);
     }
 }
@@ -578,22 +930,27 @@ fn xadd(channel: &Channel, session: u64, seq: u64, record: impl ToRedisArgs) -> 
 }
 
 /// Picks the next session number: one past both the meta counter and the newest session in
-/// the stream, so that a meta hash lost on its own cannot make IDs go backwards.
-async fn next_session(ctl: &mut Conn, channel: &Channel) -> Result<u64> {
-    let last: Vec<(String, Value)> = ctl
-        .query(
-            redis::cmd("XREVRANGE")
-                .arg(channel.stream_key())
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1),
-        )
-        .await?;
+/// the stream, so that a meta hash lost on its own cannot make IDs go backwards. Also returns
+/// the bytes the relay holds of earlier sessions, as the last writer recorded them.
+async fn next_session(ctl: &mut Conn, channel: &Channel) -> Result<(u64, u64)> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XREVRANGE")
+        .arg(channel.stream_key())
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1);
+    pipe.cmd("HGET").arg(channel.meta_key()).arg("held");
+    let (last, held): (Vec<(String, Value)>, Option<u64>) = ctl.pipe(&pipe).await?;
     let last_session = last
         .first()
         .and_then(|(id, _)| record::parse_entry_id(id.as_bytes()))
         .map_or(0, |(s, _)| s);
+    let held = if last.is_empty() {
+        0
+    } else {
+        held.unwrap_or(0)
+    };
     let mut pipe = redis::pipe();
     pipe.cmd("HSETNX")
         .arg(channel.meta_key())
@@ -616,7 +973,7 @@ async fn next_session(ctl: &mut Conn, channel: &Channel) -> Result<u64> {
             )
             .await?;
     }
-    Ok(session)
+    Ok((session, held))
 }
 
 /// Deletes the lease if it is still ours. Best effort: a lease left behind expires anyway.
@@ -628,41 +985,70 @@ async fn release_lease(ctl: &mut Conn, channel: &Channel, lease: &str) {
     }
 }
 
-async fn heartbeat(
-    mut ctl: Conn,
-    key: String,
+/// Renews the lease, keeps the channel's keys from expiring, and publishes statistics.
+struct Heartbeat {
+    ctl: Conn,
+    channel: Channel,
     lease: String,
-    lost: watch::Sender<Option<String>>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(HEARTBEAT) => {}
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("PEXPIRE")
-            .arg(&key)
-            .arg(LEASE.as_millis() as u64)
-            .ignore();
-        pipe.cmd("GET").arg(&key);
-        let held: Result<(Option<String>,)> = ctl.pipe(&pipe).await;
-        match held {
-            Ok((Some(v),)) if v == lease => {}
-            Ok((found,)) => {
-                let reason = match found {
-                    None => "the lease expired or was deleted".to_string(),
-                    Some(_) => "another writer holds it now".to_string(),
-                };
-                let _ = lost.send(Some(reason));
-                return;
+    ttl_ms: u64,
+    shared: Arc<Shared>,
+}
+
+impl Heartbeat {
+    async fn run(mut self, lost: watch::Sender<Option<String>>, stop: CancellationToken) {
+        let mut last = (Instant::now(), 0u64);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(HEARTBEAT) => {}
             }
-            Err(e) => tracing::warn!("could not renew the writer lease: {e}"),
+            let bytes = self.shared.bytes.load(Ordering::Relaxed);
+            let rate = (bytes - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
+            last = (Instant::now(), bytes);
+            let key = self.channel.writer_key();
+            let mut pipe = redis::pipe();
+            pipe.cmd("PEXPIRE")
+                .arg(&key)
+                .arg(LEASE.as_millis() as u64)
+                .ignore();
+            pipe.cmd("GET").arg(&key);
+            for k in [
+                self.channel.stream_key(),
+                self.channel.meta_key(),
+                self.channel.readers_key(),
+            ] {
+                pipe.cmd("PEXPIRE").arg(k).arg(self.ttl_ms).ignore();
+            }
+            pipe.cmd("HSET")
+                .arg(self.channel.meta_key())
+                .arg("written")
+                .arg(bytes)
+                .arg("held")
+                .arg(self.shared.held.load(Ordering::Relaxed))
+                .arg("rate")
+                .arg(rate as u64)
+                .arg("active")
+                .arg(unix_ms())
+                .ignore();
+            let held: Result<(Option<String>,)> = self.ctl.pipe(&pipe).await;
+            match held {
+                Ok((Some(v),)) if v == self.lease => {}
+                Ok((found,)) => {
+                    let reason = match found {
+                        None => "the lease expired or was deleted".to_string(),
+                        Some(_) => "another writer holds it now".to_string(),
+                    };
+                    let _ = lost.send(Some(reason));
+                    return;
+                }
+                Err(e) => tracing::warn!("could not renew the writer lease: {e}"),
+            }
         }
     }
 }
 
-fn unix_ms() -> u64 {
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

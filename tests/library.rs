@@ -98,7 +98,7 @@ relay_tests! {
     fn small_chunk_sizes_split_large_writes(kind) {
         let (_relay, config, channel) = setup(kind, "small");
         runtime().block_on(async {
-            let opts = WriteOptions { chunk_size: 1000, window: 3 };
+            let opts = WriteOptions { chunk_size: 1000, window: 3, ..WriteOptions::default() };
             let mut writer = Writer::start(&config, &channel, opts).await.unwrap();
             let data = random_bytes(100_000, 2);
             writer.send(bytes::Bytes::from(data.clone())).await.unwrap();

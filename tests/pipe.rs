@@ -260,7 +260,7 @@ relay_tests! {
         for (id, fields) in entries {
             let mut value = fields[0].1.clone();
             if id == "1-1" {
-                value[20] ^= 1;
+                value[28] ^= 1; // the first payload byte, after the 28-byte data prefix
             }
             let _: String = redis::cmd("XADD").arg("tube:{flip}:stream").arg(&id).arg("r").arg(value).query(&mut admin).unwrap();
         }

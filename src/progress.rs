@@ -1,0 +1,51 @@
+//! A `pv`-like progress line on stderr.
+
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::time::Duration;
+
+/// A progress line updated from a polling closure until dropped.
+pub struct Progress {
+    bar: ProgressBar,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What to show: bytes so far, and a note such as the backlog or the lag.
+pub struct Snapshot {
+    pub bytes: u64,
+    pub note: String,
+}
+
+impl Progress {
+    /// Starts updating a progress line ten times a second from `poll`.
+    pub fn start(poll: impl Fn() -> Snapshot + Send + 'static) -> Self {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {bytes:>11} {binary_bytes_per_sec:>13} {elapsed_precise} {msg}",
+            )
+            .expect("valid template"),
+        );
+        let shown = bar.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let s = poll();
+                shown.set_position(s.bytes);
+                shown.set_message(s.note);
+            }
+        });
+        Self { bar, task }
+    }
+
+    /// Stops updating and leaves the last line on screen.
+    pub fn finish(self) {
+        self.task.abort();
+        self.bar.abandon();
+    }
+}
+
+/// Formats a byte count for a progress note.
+pub fn bytes(n: u64) -> String {
+    HumanBytes(n).to_string()
+}
