@@ -147,11 +147,13 @@ async fn info(conn: &mut Conn, channel: &Channel) -> Result<Option<ChannelInfo>>
     let mut pipe = redis::pipe();
     pipe.cmd("HGETALL").arg(channel.meta_key());
     pipe.cmd("PTTL").arg(channel.meta_key());
-    let (meta, pttl): (HashMap<String, String>, i64) = conn.pipe(&pipe).await?;
+    // Values are bytes: the meta hash also keeps the binary begin record.
+    let (meta, pttl): (HashMap<String, Vec<u8>>, i64) = conn.pipe(&pipe).await?;
     if meta.is_empty() {
         return Ok(None);
     }
-    let num = |field: &str| meta.get(field).and_then(|v| v.parse::<u64>().ok());
+    let text = |field: &str| meta.get(field).and_then(|v| std::str::from_utf8(v).ok());
+    let num = |field: &str| text(field).and_then(|v| v.parse::<u64>().ok());
     let written = num("written").unwrap_or(0);
     let (_, positions) = reader_positions(conn, channel, false).await?;
     let mut readers: Vec<ReaderInfo> = positions
@@ -167,7 +169,7 @@ async fn info(conn: &mut Conn, channel: &Channel) -> Result<Option<ChannelInfo>>
     Ok(Some(ChannelInfo {
         channel: channel.name().into(),
         writer_alive: state.lease.is_some(),
-        mode: meta.get("mode").cloned(),
+        mode: text("mode").map(str::to_owned),
         sessions: state.latest_session,
         bytes_written: written,
         bytes_held: num("held").unwrap_or(0),

@@ -77,8 +77,8 @@ pub struct RelayArgs {
 pub struct WriteArgs {
     /// Channel name (up to 200 bytes; no control characters or braces).
     pub channel: String,
-    /// Largest record: data read while earlier appends are in flight is joined up to this
-    /// size (suffixes k, M: 256k, 1M).
+    /// Largest record, as stored on the relay: data read while earlier appends are in flight
+    /// is joined up to this size (suffixes k, M: 256k, 1M; 128 bytes to 16M).
     #[arg(long, value_parser = parse_size, default_value = "256k")]
     pub chunk_size: usize,
     /// Appends in flight at most; more keeps distant relays busy.

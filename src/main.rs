@@ -136,7 +136,7 @@ async fn write(common: &Common, args: WriteArgs) -> Result<ExitCode, Error> {
         ttl: args.ttl,
         zstd_level: args.compress,
     };
-    let mut input = stdio::read_stdin(opts.chunk_size)?;
+    let mut input = stdio::read_stdin(opts.max_payload())?;
     let writer = tokio::select! {
         w = Writer::start(&relay, &channel, opts) => w?,
         _ = stop.cancelled() => return Ok(signal_exit(&signal_status)),

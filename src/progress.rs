@@ -7,6 +7,7 @@ use std::time::Duration;
 pub struct Progress {
     bar: ProgressBar,
     task: tokio::task::JoinHandle<()>,
+    poll: std::sync::Arc<dyn Fn() -> Snapshot + Send + Sync>,
 }
 
 /// What to show: bytes so far, and a note such as the backlog or the lag.
@@ -17,7 +18,8 @@ pub struct Snapshot {
 
 impl Progress {
     /// Starts updating a progress line ten times a second from `poll`.
-    pub fn start(poll: impl Fn() -> Snapshot + Send + 'static) -> Self {
+    pub fn start(poll: impl Fn() -> Snapshot + Send + Sync + 'static) -> Self {
+        let poll: std::sync::Arc<dyn Fn() -> Snapshot + Send + Sync> = std::sync::Arc::new(poll);
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10));
         bar.set_style(
             ProgressStyle::with_template(
@@ -25,24 +27,28 @@ impl Progress {
             )
             .expect("valid template"),
         );
-        let shown = bar.clone();
+        let (shown, polled) = (bar.clone(), poll.clone());
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                let s = poll();
-                shown.set_position(s.bytes);
-                shown.set_message(s.note);
+                show(&shown, polled());
             }
         });
-        Self { bar, task }
+        Self { bar, task, poll }
     }
 
-    /// Stops updating and leaves the last line on screen.
+    /// Stops updating and leaves the final figures on screen.
     pub fn finish(self) {
         self.task.abort();
+        show(&self.bar, (self.poll)());
         self.bar.abandon();
     }
+}
+
+fn show(bar: &ProgressBar, s: Snapshot) {
+    bar.set_position(s.bytes);
+    bar.set_message(s.note);
 }
 
 /// Formats a byte count for a progress note.

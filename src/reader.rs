@@ -43,7 +43,7 @@ pub enum StartAt {
     Start,
     /// At the oldest byte the relay still holds.
     Oldest,
-    /// At the newest data: only what is written from now on (and the latest record).
+    /// At the newest data: only what is written from now on.
     Now,
 }
 
@@ -190,18 +190,11 @@ impl Reader {
                 }
             }
             StartAt::Now if latest > 0 => {
-                if let Some((s, q)) = first_entry(&mut conn, channel, "+", true).await?
-                    && s == latest
-                {
-                    if q == 0 {
-                        last = (s - 1, u64::MAX);
-                    } else if is_end(&mut conn, channel, s, q).await? {
-                        // The session is over: wait for the next one.
-                        last = (s, q);
-                    } else {
-                        last = (s, q - 1);
-                        join_mid_session = true;
-                    }
+                // Everything after the newest record: the next data record opens the session
+                // mid-way, or, if the session is over, the next session's begin record comes.
+                if let Some(newest) = first_entry(&mut conn, channel, "+", true).await? {
+                    last = newest;
+                    join_mid_session = true;
                 }
             }
             StartAt::Oldest | StartAt::Now => {}
@@ -360,22 +353,6 @@ async fn first_entry(
     Ok(entries
         .first()
         .and_then(|(id, _)| record::parse_entry_id(id.as_bytes())))
-}
-
-async fn is_end(conn: &mut Conn, channel: &Channel, s: u64, q: u64) -> Result<bool> {
-    let id = record::entry_id(s, q);
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = conn
-        .query(
-            redis::cmd("XRANGE")
-                .arg(channel.stream_key())
-                .arg(&id)
-                .arg(&id),
-        )
-        .await?;
-    Ok(entries
-        .first()
-        .and_then(|(_, f)| f.first())
-        .is_some_and(|(_, v)| v.get(1) == Some(&(record::Kind::End as u8))))
 }
 
 /// Keeps the reader's registration alive and learns how far behind the writer it is.
@@ -594,7 +571,7 @@ impl Fetcher {
     }
 
     fn set_position(&self, s: u64, q: u64) {
-        let offset = self.session.as_ref().map_or(0, |st| st.bytes);
+        let offset = self.shared.bytes.load(Ordering::Relaxed);
         *self.shared.position.lock().expect("not poisoned") = Some(Position {
             session: s,
             seq: q,
@@ -835,7 +812,9 @@ impl Fetcher {
             0 => MAX_CHUNK_SIZE,
             n => n.min(MAX_CHUNK_SIZE),
         };
-        self.count = (self.batch_bytes / max_payload).clamp(1, 1024);
+        // Replies are copies of held records while the relay sends them: stay within the
+        // part of the channel's budget the writer keeps free for them.
+        self.count = crate::writer::reader_batch(begin.max_backlog, max_payload, self.batch_bytes);
         self.session = Some(SessionState {
             id,
             lease: lease_value(&begin.token),

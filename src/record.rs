@@ -30,6 +30,7 @@ const TAG_TOKEN: u8 = 0x01;
 const TAG_STARTED: u8 = 0x02;
 const TAG_MAX_PAYLOAD: u8 = 0x03;
 const TAG_LIVE: u8 = 0x04;
+const TAG_MAX_BACKLOG: u8 = 0x05;
 
 /// Record kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,9 @@ pub struct Begin {
     /// Live session: the writer never waits for readers and the relay keeps only the newest
     /// data, so readers may skip.
     pub live: bool,
+    /// The channel's memory budget on the relay (0: not given); readers size their reads
+    /// from it.
+    pub max_backlog: u64,
 }
 
 /// What an end record says about its session.
@@ -179,6 +183,7 @@ pub fn encode_begin(session: u64, begin: &Begin) -> Bytes {
     put_option(&mut buf, TAG_STARTED, &begin.started_ms.to_be_bytes());
     put_option(&mut buf, TAG_MAX_PAYLOAD, &begin.max_payload.to_be_bytes());
     put_option(&mut buf, TAG_LIVE, &[u8::from(begin.live)]);
+    put_option(&mut buf, TAG_MAX_BACKLOG, &begin.max_backlog.to_be_bytes());
     buf.freeze()
 }
 
@@ -266,6 +271,7 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
     let mut started_ms = None;
     let mut max_payload = None;
     let mut live = false;
+    let mut max_backlog = 0;
     while !p.is_empty() {
         if p.len() < 3 {
             return Err(DecodeError::Truncated);
@@ -286,7 +292,8 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
                 max_payload = Some(u32::from_be_bytes(value.try_into().expect("4 bytes")))
             }
             TAG_LIVE if len == 1 => live = value[0] != 0,
-            TAG_STARTED | TAG_MAX_PAYLOAD | TAG_LIVE => {
+            TAG_MAX_BACKLOG if len == 8 => max_backlog = be_u64(value),
+            TAG_STARTED | TAG_MAX_PAYLOAD | TAG_LIVE | TAG_MAX_BACKLOG => {
                 return Err(DecodeError::Malformed("begin option has the wrong length"));
             }
             t if t >= CRITICAL_TAG => return Err(DecodeError::CriticalOption(t)),
@@ -299,6 +306,7 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
         started_ms: started_ms.unwrap_or(0),
         max_payload: max_payload.unwrap_or(0),
         live,
+        max_backlog,
     })
 }
 
@@ -351,6 +359,7 @@ mod tests {
             started_ms: 5,
             max_payload: 1024,
             live: true,
+            max_backlog: 1 << 20,
         };
         let mut raw = encode_begin(4, &begin).to_vec();
         raw.extend_from_slice(&[0x10, 0, 2, 9, 9]);
@@ -377,8 +386,8 @@ mod tests {
         }
 
         #[test]
-        fn begin_round_trips(session in 1u64.., token in any::<[u8; 16]>(), started_ms in any::<u64>(), max_payload in any::<u32>(), live in any::<bool>()) {
-            let begin = Begin { token, started_ms, max_payload, live };
+        fn begin_round_trips(session in 1u64.., token in any::<[u8; 16]>(), started_ms in any::<u64>(), max_payload in any::<u32>(), live in any::<bool>(), max_backlog in any::<u64>()) {
+            let begin = Begin { token, started_ms, max_payload, live, max_backlog };
             let rec = decode(encode_begin(session, &begin)).unwrap();
             prop_assert_eq!(rec, Record { session, seq: 0, body: Body::Begin(begin) });
         }
@@ -398,7 +407,7 @@ mod tests {
 
         #[test]
         fn decoding_mutated_records_never_panics(pos in 0usize..64, byte in any::<u8>(), cut in 0usize..64) {
-            let mut raw = encode_begin(1, &Begin { token: [1; 16], started_ms: 2, max_payload: 3, live: false }).to_vec();
+            let mut raw = encode_begin(1, &Begin { token: [1; 16], started_ms: 2, max_payload: 3, live: false, max_backlog: 4 }).to_vec();
             let len = raw.len();
             raw[pos % len] = byte;
             raw.truncate(len - cut % len);

@@ -40,8 +40,58 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 /// Default number of appends in flight.
 pub const DEFAULT_WINDOW: usize = 16;
-/// Largest record payload accepted by [`WriteOptions`]; readers refuse larger records.
+/// Largest record size accepted by [`WriteOptions`]; readers refuse larger records.
 pub const MAX_CHUNK_SIZE: usize = 16 * 1024 * 1024;
+/// Bytes a stored data record takes beyond its payload: tube's own prefix plus what a Redis
+/// stream entry adds around its value (listpack header, entry fields, lengths). Payloads are
+/// sized so that a whole entry fits `chunk_size`: a 256 KiB record then fills a 256 KiB
+/// allocation instead of spilling into the next size class, a quarter larger.
+pub const RECORD_OVERHEAD: usize = 64;
+/// The part of a channel's memory budget kept free for replies in flight: while the relay
+/// sends a reader its batch, the batch is a copy of held records, so records are held only
+/// up to three quarters of the budget. Readers use half of this room (see
+/// [`reader_batch`]), leaving the rest for the connections' own buffers.
+pub fn reply_room(max_backlog: u64) -> u64 {
+    max_backlog / 4
+}
+
+/// How many records a reader asks for at once so that its reply fits the room the writer
+/// keeps free: a reply costs each record's stored size plus the relay's reply block around
+/// it (16 KiB on Redis).
+pub fn reader_batch(max_backlog: u64, max_payload: usize, batch_bytes: usize) -> usize {
+    const REPLY_BLOCK: usize = 16 * 1024;
+    let record = max_payload + RECORD_OVERHEAD;
+    // Smaller records share reply blocks; larger ones each get their own, and the bytes
+    // that follow a record start another.
+    let block = if record >= REPLY_BLOCK {
+        REPLY_BLOCK
+    } else {
+        0
+    };
+    let per_record = stored_size(record) + block as u64;
+    let room = match max_backlog {
+        0 => batch_bytes as u64,
+        budget => (reply_room(budget) / 2).min(batch_bytes as u64),
+    };
+    ((room / per_record) as usize).clamp(1, 1024)
+}
+
+/// The memory a stored entry of `len` bytes takes on the relay: Redis rounds each stream node
+/// up to its allocator's size class (four classes per doubling), so the backlog is counted in
+/// those units to make `max_backlog` a bound on the relay's memory, not just on payload.
+pub fn stored_size(len: usize) -> u64 {
+    let len = len.max(16) as u64;
+    let spacing = (1u64 << (63 - (len - 1).leading_zeros())) / 4;
+    let spacing = spacing.max(16);
+    len.div_ceil(spacing) * spacing + NODE_OVERHEAD
+}
+
+/// What a stream node costs beyond its listpack (measured on Redis 7: about 230 bytes for an
+/// entry large enough to get a node of its own).
+const NODE_OVERHEAD: u64 = 256;
+
+/// Smallest record size accepted.
+pub const MIN_CHUNK_SIZE: usize = 2 * RECORD_OVERHEAD;
 /// Default bound of the bytes the relay holds for one channel.
 pub const DEFAULT_MAX_BACKLOG: u64 = 64 * 1024 * 1024;
 /// Default time after which an idle channel's keys expire.
@@ -55,12 +105,14 @@ const MAX_READER_POLL: Duration = Duration::from_millis(200);
 /// How a writer sends.
 #[derive(Debug, Clone)]
 pub struct WriteOptions {
-    /// Largest payload of one record. Data that arrives while appends are in flight is
-    /// coalesced up to this size; data never waits for more data.
+    /// Largest record as the relay stores it, headers included. Data that arrives while
+    /// appends are in flight is coalesced up to this size; data never waits for more data.
+    /// A power of two wastes nothing in the relay's allocator.
     pub chunk_size: usize,
     /// Appends in flight at most.
     pub window: usize,
-    /// Most bytes of records the relay holds for the channel (one record more at worst).
+    /// The channel's memory budget on the relay: the records it holds plus one reader's reply
+    /// in flight stay within it (one record more at worst).
     pub max_backlog: u64,
     /// Live session: never wait for readers; the relay keeps only the newest data.
     pub live: bool,
@@ -68,6 +120,13 @@ pub struct WriteOptions {
     pub ttl: Duration,
     /// Compress records with zstd at this level; a record that does not shrink is sent as is.
     pub zstd_level: Option<i32>,
+}
+
+impl WriteOptions {
+    /// The largest payload of one record: the record size less what headers take.
+    pub fn max_payload(&self) -> usize {
+        self.chunk_size.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE) - RECORD_OVERHEAD
+    }
 }
 
 impl Default for WriteOptions {
@@ -154,7 +213,8 @@ impl Writer {
     /// [`Error::Busy`] when another writer is alive on the channel; [`Error::ForeignKey`] when
     /// the channel's keys are not tube's; connection errors.
     pub async fn start(relay: &RelayConfig, channel: &Channel, opts: WriteOptions) -> Result<Self> {
-        let chunk_size = opts.chunk_size.clamp(1, MAX_CHUNK_SIZE);
+        // From here on `chunk_size` is the largest payload.
+        let chunk_size = opts.max_payload();
         let window = opts.window.clamp(1, crate::client::PIPELINE_BUFFER / 2);
         let ttl_ms = opts.ttl.as_millis().clamp(1000, u128::from(u64::MAX)) as u64;
         let mut ctl = relay.connect().await?;
@@ -187,6 +247,7 @@ impl Writer {
                 started_ms: unix_ms(),
                 max_payload: chunk_size as u32,
                 live: opts.live,
+                max_backlog: opts.max_backlog,
             };
             let begin = record::encode_begin(session, &begin);
             let mut pipe = redis::pipe();
@@ -212,7 +273,8 @@ impl Writer {
             }
             let () = ctl.pipe(&pipe).await?;
             let data = relay.connect().await?;
-            Ok::<_, Error>((session, held_before, begin.len() as u64, data))
+            let begin_size = stored_size(begin.len() + RECORD_OVERHEAD);
+            Ok::<_, Error>((session, held_before, begin_size, data))
         }
         .await;
         let (session, held_before, begin_len, data) = match begun {
@@ -258,7 +320,10 @@ impl Writer {
             lease,
             chunk_size,
             window,
-            max_backlog: opts.max_backlog.max(1),
+            max_backlog: opts
+                .max_backlog
+                .saturating_sub(reply_room(opts.max_backlog))
+                .max(1),
             live: opts.live,
             zstd_level: opts.zstd_level,
             held_total: held.iter().map(|h| h.bytes).sum(),
@@ -613,12 +678,13 @@ impl Sender {
             digest: *hasher.finalize().as_bytes(),
         };
         let end = record::encode_end(self.session, seq, &end);
+        let end_size = stored_size(end.len() + RECORD_OVERHEAD);
         let reply: Value = self
             .data
             .query(&xadd(&self.channel, self.session, seq, &end[..]))
             .await?;
         self.check_reply(&Request::Append(seq), Ok(reply))?;
-        self.push_held((self.session, seq), end.len() as u64);
+        self.push_held((self.session, seq), end_size);
         Ok(Summary {
             session: self.session,
             bytes,
@@ -654,7 +720,7 @@ impl Sender {
             },
             None => (payload, false),
         };
-        let size = (record::DATA_PREFIX_LEN + payload.len()) as u64;
+        let size = stored_size(RECORD_OVERHEAD + payload.len());
         let record = RecordArg {
             session: self.session,
             seq,
@@ -1052,4 +1118,51 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_sizes_follow_the_allocators_size_classes() {
+        let n = NODE_OVERHEAD;
+        assert_eq!(stored_size(1), 16 + n);
+        assert_eq!(stored_size(100), 112 + n);
+        assert_eq!(stored_size(4096), 4096 + n);
+        assert_eq!(stored_size(4097), 5120 + n);
+        assert_eq!(stored_size(65536), 65536 + n);
+        assert_eq!(stored_size(65537), 81920 + n);
+        assert_eq!(stored_size(262_144), 262_144 + n);
+        assert_eq!(stored_size(18_000), 20_480 + n);
+    }
+
+    #[test]
+    fn reader_batches_fit_the_reply_room() {
+        // 64 KiB records in a 4 MiB budget: 512 KiB for replies of 80 KiB each.
+        assert_eq!(reader_batch(4 << 20, 65536 - RECORD_OVERHEAD, 4 << 20), 6);
+        // The default: 256 KiB records, 64 MiB budget, 4 MiB batches.
+        assert_eq!(
+            reader_batch(64 << 20, DEFAULT_CHUNK_SIZE - RECORD_OVERHEAD, 4 << 20),
+            15
+        );
+        // Never less than one record.
+        assert_eq!(reader_batch(1024, 1 << 20, 4 << 20), 1);
+        // Small records pack into shared reply blocks: 1 MiB of 1,064-byte records, each
+        // counted at its 1,280-byte size class and node overhead.
+        assert_eq!(reader_batch(0, 1000, 1 << 20), (1 << 20) / (1280 + 256));
+    }
+
+    #[test]
+    fn reader_positions_order_by_stream_id() {
+        let p = |s, q, o| Position {
+            session: s,
+            seq: q,
+            offset: o,
+        };
+        assert!(p(1, u64::MAX, 0) < p(2, 0, 0));
+        assert!(p(2, 3, 900) < p(2, 4, 0));
+        assert_eq!(Position::parse(&p(7, 8, 9).encode()), Some(p(7, 8, 9)));
+        assert_eq!(Position::parse("7-8"), None);
+    }
 }

@@ -401,3 +401,71 @@ macro_rules! relay_tests {
         }
     };
 }
+
+impl Proc {
+    /// Spawns with stdout read by a thread at no more than `rate` bytes per second: a slow
+    /// consumer downstream of `tube read`.
+    pub fn spawn_throttled(
+        mut cmd: Command,
+        rate: u64,
+    ) -> (Self, std::thread::JoinHandle<Vec<u8>>) {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tube");
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let consumer = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match out.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+                let due = Duration::from_secs_f64(got.len() as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            got
+        });
+        let p = Self {
+            child,
+            stdout: None,
+            stderr: Some(std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = err.read_to_string(&mut s);
+                s
+            })),
+        };
+        (p, consumer)
+    }
+}
+
+/// A stream entry as the admin connection returns it: ID and field-value pairs.
+pub type Entry = (String, Vec<(String, Vec<u8>)>);
+
+/// Bytes of every record the relay holds for a channel (the sum of the `r` values).
+pub fn held_bytes(admin: &mut redis::Connection, channel: &str) -> u64 {
+    let entries: Vec<Entry> = redis::cmd("XRANGE")
+        .arg(format!("tube:{{{channel}}}:stream"))
+        .arg("-")
+        .arg("+")
+        .query(admin)
+        .unwrap_or_default();
+    entries
+        .iter()
+        .flat_map(|(_, f)| f.iter().map(|(_, v)| v.len() as u64))
+        .sum()
+}
+
+/// The relay's `used_memory`, from `INFO memory`.
+pub fn used_memory(admin: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("memory").query(admin).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO memory has used_memory")
+}
