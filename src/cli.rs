@@ -1,6 +1,7 @@
 //! Command-line arguments, converted into the library's plain configuration before any work.
 
 use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 
 /// A tube between two Unix pipes: pipe bytes between hosts through a Redis-protocol relay.
 ///
@@ -27,6 +28,22 @@ pub struct Common {
     /// A password is better given in TUBE_PASSWORD than on the command line.
     #[arg(long, global = true, env = "TUBE_URL", default_value = tube::DEFAULT_URL, hide_env_values = true)]
     pub url: String,
+    /// File whose first line is the relay password (instead of TUBE_PASSWORD or the URL).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the certificates to trust for a rediss:// relay (default: the system's).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for relays that require one (with --tls-key).
+    #[arg(long, global = true, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(long, global = true, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Do not verify the relay's certificate. Anyone on the path can then read and alter the
+    /// connection: only for tests.
+    #[arg(long, global = true)]
+    pub tls_insecure: bool,
     /// Prefix of every key tube writes on the relay.
     #[arg(long, global = true, env = "TUBE_PREFIX", default_value = tube::DEFAULT_PREFIX)]
     pub prefix: String,
@@ -44,6 +61,8 @@ pub enum Command {
     Write(WriteArgs),
     /// Copy a channel to stdout: its latest session, or every session with --follow.
     Read(ReadArgs),
+    /// Print a new random key for end-to-end encryption (--key-file on both ends).
+    Keygen(KeygenArgs),
     /// Delete a channel and everything tube keeps of it on the relay.
     Rm(RmArgs),
     /// List channels: writer, mode, sessions, bytes, readers, last activity.
@@ -51,7 +70,8 @@ pub enum Command {
     /// Show one channel in detail, with its readers and their lag.
     Stat(StatArgs),
     /// Run a relay: a server that speaks the Redis protocol for the commands tube uses,
-    /// keeping data in memory. For when there is no Redis at hand.
+    /// keeping data in memory. For when there is no Redis at hand. Clients must give the
+    /// password from --password-file or TUBE_RELAY_PASSWORD, if one is set.
     Relay(RelayArgs),
 }
 
@@ -60,10 +80,6 @@ pub struct RelayArgs {
     /// Address to listen on. The default is loopback only; use 0.0.0.0:6379 to serve others.
     #[arg(long, default_value = "127.0.0.1:6379")]
     pub listen: String,
-    /// File whose first line is the password clients must give (AUTH). The password can also
-    /// come from TUBE_RELAY_PASSWORD.
-    #[arg(long)]
-    pub password_file: Option<std::path::PathBuf>,
     /// Listen on a non-loopback address without a password.
     #[arg(long)]
     pub allow_no_password: bool,
@@ -100,6 +116,20 @@ pub struct WriteArgs {
     pub compress: Option<i32>,
     #[command(flatten)]
     pub progress: ProgressArgs,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+/// The end-to-end encryption secret. The key can also come from TUBE_KEY and the passphrase
+/// from TUBE_PASSPHRASE.
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// Encrypt end to end with the key in FILE (made by `tube keygen -o FILE`).
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+    /// Encrypt end to end with a key stretched from the passphrase in FILE's first line.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 /// Progress display on stderr.
@@ -162,6 +192,15 @@ pub struct ReadArgs {
     pub from: From,
     #[command(flatten)]
     pub progress: ProgressArgs,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Write the key to FILE (created with mode 0600; never overwritten) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 /// Where a reader starts.

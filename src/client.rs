@@ -27,6 +27,19 @@ pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct RelayConfig {
     info: ConnectionInfo,
     addr: Arc<str>,
+    tls: Option<TlsOptions>,
+}
+
+/// TLS settings for `rediss://` relays.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// PEM certificates to trust instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, for relays that require one.
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Accept any server certificate. Anyone on the path can then read and alter the
+    /// connection; only end-to-end encryption still protects the data.
+    pub insecure: bool,
 }
 
 impl std::fmt::Debug for RelayConfig {
@@ -49,14 +62,16 @@ impl RelayConfig {
             url: redact_url(url),
         };
         if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
             || url.starts_with("unix://")
             || url.starts_with("redis+unix://"))
         {
             return Err(invalid());
         }
         let info = url.into_connection_info().map_err(|_| invalid())?;
+        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         let addr = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
                 if host.is_empty() {
                     return Err(invalid());
                 }
@@ -73,10 +88,40 @@ impl RelayConfig {
         Ok(Self {
             info: info.set_redis_settings(redis),
             addr: addr.into(),
+            tls: tls.then(TlsOptions::default),
         })
     }
 
+    /// Sets the TLS options of a `rediss://` relay.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] when the URL is not `rediss://`.
+    pub fn with_tls(mut self, options: TlsOptions) -> Result<Self> {
+        let ConnectionAddr::TcpTls { host, port, .. } = self.info.addr().clone() else {
+            return Err(Error::InvalidUrl {
+                url: format!("for {}: TLS options need a rediss:// URL", self.addr),
+            });
+        };
+        if options.insecure {
+            self.info = self.info.set_addr(ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: true,
+                tls_params: None,
+            });
+        }
+        self.tls = Some(options);
+        Ok(self)
+    }
+
+    /// Whether connections use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Uses `password` instead of any password in the URL.
+    ///
+    /// A password is a secret: it is never part of any message or `Debug` output.
     pub fn with_password(mut self, password: &str) -> Self {
         let redis = self.info.redis_settings().clone().set_password(password);
         self.info = self.info.set_redis_settings(redis);
@@ -95,8 +140,25 @@ impl RelayConfig {
             // tube sets its own deadlines per command: a blocking read must be able to wait.
             .set_response_timeout(None)
             .set_pipeline_buffer_size(PIPELINE_BUFFER);
-        let client = redis::Client::open(self.info.clone()).map_err(|e| Error::InvalidUrl {
-            url: format!("for {} ({})", self.addr, e.category()),
+        let client = match &self.tls {
+            None => redis::Client::open(self.info.clone()),
+            Some(tls) => redis::Client::build_with_tls(
+                self.info.clone(),
+                redis::TlsCertificates {
+                    client_tls: tls
+                        .client_pem
+                        .as_ref()
+                        .map(|(cert, key)| redis::ClientTlsConfig {
+                            client_cert: cert.clone(),
+                            client_key: key.clone(),
+                        }),
+                    root_cert: tls.ca_pem.clone(),
+                },
+            ),
+        }
+        .map_err(|e| Error::Tls {
+            addr: self.addr.to_string(),
+            reason: error_text(&e),
         })?;
         let connecting = client.get_multiplexed_async_connection_with_config(&config);
         let inner = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
@@ -139,6 +201,8 @@ impl RelayConfig {
         let reason = error_text(e);
         if is_auth_error(e) {
             Error::Auth { addr, reason }
+        } else if self.tls.is_some() && is_tls_error(e) {
+            Error::Tls { addr, reason }
         } else if e.is_connection_refusal() {
             Error::Unreachable {
                 addr,
@@ -170,6 +234,13 @@ fn is_auth_error(e: &RedisError) -> bool {
     matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
         || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
         || e.to_string().contains("invalid password")
+}
+
+fn is_tls_error(e: &RedisError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "unknownissuer", "alert"]
+        .iter()
+        .any(|w| text.contains(w))
 }
 
 fn error_text(e: &RedisError) -> String {
@@ -313,5 +384,14 @@ mod tests {
         assert!(!format!("{c:?}").contains("pw"));
         let c = RelayConfig::from_url("unix:///tmp/r.sock").unwrap();
         assert_eq!(c.addr(), "/tmp/r.sock");
+        let c = RelayConfig::from_url("rediss://u:pw@relay.example:6380").unwrap();
+        assert_eq!(c.addr(), "relay.example:6380");
+        assert!(c.is_tls());
+        assert!(
+            RelayConfig::from_url("redis://h")
+                .unwrap()
+                .with_tls(TlsOptions::default())
+                .is_err()
+        );
     }
 }

@@ -49,6 +49,15 @@ pub enum Error {
         /// The relay's answer (it never includes the password).
         reason: String,
     },
+    /// The TLS connection to the relay failed (certificate not trusted, client certificate
+    /// refused, not a TLS server).
+    #[error("TLS with the relay at {addr} failed: {reason}")]
+    Tls {
+        /// The relay's address.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Something answered that is not a Redis-protocol server.
     #[error("{addr} does not answer like a Redis server: {reason}")]
     NotRedis {
@@ -152,6 +161,32 @@ pub enum Error {
         channel: String,
         /// Why decoding failed.
         source: DecodeError,
+    },
+    /// A key or passphrase cannot be used.
+    #[error("bad key: {0}")]
+    BadKey(String),
+    /// The session is encrypted and no key was given.
+    #[error(
+        "the session on channel {channel} is encrypted: give its key (--key-file or TUBE_KEY) or passphrase (--passphrase-file or TUBE_PASSPHRASE)"
+    )]
+    KeyRequired {
+        /// The channel.
+        channel: String,
+    },
+    /// The key check of an encrypted session failed.
+    #[error("wrong key for channel {channel} (or its session header was altered on the relay)")]
+    WrongKey {
+        /// The channel.
+        channel: String,
+    },
+    /// A key was given but the session is not encrypted: anyone with access to the relay
+    /// could have written it.
+    #[error(
+        "the session on channel {channel} is not encrypted, but a key was given: refusing it, since anyone with access to the relay could have written it"
+    )]
+    NotEncrypted {
+        /// The channel.
+        channel: String,
     },
     /// The writer or reader was used after it failed or finished.
     #[error("the {0} is closed")]

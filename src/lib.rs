@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`channel`]: channel names and the relay keys of a channel.
 //! - [`record`]: the on-relay record format (`docs/PROTOCOL.md`).
+//! - [`crypto`]: end-to-end encryption of records.
 //! - [`client`]: connecting to the relay; errors that never show a password.
 //! - [`writer`]: [`Writer`], one session of a channel, pipelined appends, the writer's lease.
 //! - [`reader`]: [`Reader`], batched reads, every record checked.
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod channel;
 pub mod client;
+pub mod crypto;
 pub mod error;
 pub mod reader;
 pub mod record;
@@ -25,7 +27,8 @@ mod session;
 pub mod writer;
 
 pub use channel::{Channel, DEFAULT_PREFIX};
-pub use client::{DEFAULT_URL, RelayConfig};
+pub use client::{DEFAULT_URL, RelayConfig, TlsOptions};
+pub use crypto::Secret;
 pub use error::{Error, Result};
 pub use reader::{ReadOptions, Reader, ReaderProgress, StartAt};
 pub use record::EndStatus;

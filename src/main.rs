@@ -5,7 +5,10 @@ mod progress;
 mod stdio;
 
 use clap::Parser;
-use cli::{Cli, Command, Common, LsArgs, ReadArgs, RelayArgs, RmArgs, StatArgs, WriteArgs};
+use cli::{
+    Cli, Command, Common, KeygenArgs, LsArgs, ReadArgs, RelayArgs, RmArgs, SecretArgs, StatArgs,
+    WriteArgs,
+};
 use progress::{Progress, Snapshot};
 use std::io;
 use std::io::IsTerminal;
@@ -49,9 +52,9 @@ fn main() -> ExitCode {
 
 fn exit_status(e: &Error) -> u8 {
     match e {
+        Error::Corrupt { .. } | Error::Decode { .. } => EXIT_CORRUPT,
         Error::Interrupted { .. } => EXIT_INTERRUPTED,
         Error::WriterVanished { .. } => EXIT_VANISHED,
-        Error::Corrupt { .. } | Error::Decode { .. } => EXIT_CORRUPT,
         _ => 1,
     }
 }
@@ -78,21 +81,117 @@ fn init_logging(common: &Common) {
 }
 
 fn relay_config(common: &Common) -> Result<RelayConfig, Error> {
-    let relay = RelayConfig::from_url(&common.url)?;
-    Ok(match std::env::var("TUBE_PASSWORD") {
-        Ok(pw) if !pw.is_empty() => relay.with_password(&pw),
-        _ => relay,
-    })
+    let mut relay = RelayConfig::from_url(&common.url)?;
+    let password = match &common.password_file {
+        Some(path) => Some(first_line(path, "password file")?),
+        None => std::env::var("TUBE_PASSWORD")
+            .ok()
+            .map(zeroize::Zeroizing::new),
+    };
+    if let Some(pw) = password.filter(|pw| !pw.is_empty()) {
+        relay = relay.with_password(&pw);
+    }
+    let tls_given = common.tls_ca.is_some() || common.tls_cert.is_some() || common.tls_insecure;
+    if relay.is_tls() || tls_given {
+        let read = |path: &std::path::PathBuf, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                Error::Io(io::Error::new(
+                    e.kind(),
+                    format!("reading the {what} {}: {e}", path.display()),
+                ))
+            })
+        };
+        let client_pem = match (&common.tls_cert, &common.tls_key) {
+            (Some(cert), Some(key)) => Some((read(cert, "certificate")?, read(key, "key")?)),
+            _ => None,
+        };
+        if common.tls_insecure {
+            tracing::warn!(
+                "--tls-insecure: the relay's certificate is not verified; anyone on the path can read and alter this connection"
+            );
+        }
+        relay = relay.with_tls(tube::TlsOptions {
+            ca_pem: common
+                .tls_ca
+                .as_ref()
+                .map(|p| read(p, "CA file"))
+                .transpose()?,
+            client_pem,
+            insecure: common.tls_insecure,
+        })?;
+    }
+    Ok(relay)
+}
+
+/// The first line of a file that holds a secret; the secret never appears in errors.
+fn first_line(path: &std::path::Path, what: &str) -> Result<zeroize::Zeroizing<String>, Error> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        Error::Io(io::Error::new(
+            e.kind(),
+            format!("reading the {what} {}: {e}", path.display()),
+        ))
+    })?);
+    Ok(zeroize::Zeroizing::new(
+        text.lines()
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('\r')
+            .to_owned(),
+    ))
+}
+
+/// The end-to-end secret from the flags or the environment, if any.
+fn secret(args: &SecretArgs) -> Result<Option<tube::Secret>, Error> {
+    if let Some(path) = &args.key_file {
+        return tube::Secret::parse_key(&first_line(path, "key file")?).map(Some);
+    }
+    if let Some(path) = &args.passphrase_file {
+        return tube::Secret::passphrase(&first_line(path, "passphrase file")?).map(Some);
+    }
+    if let Ok(key) = std::env::var("TUBE_KEY") {
+        let key = zeroize::Zeroizing::new(key);
+        return tube::Secret::parse_key(&key).map(Some);
+    }
+    if let Ok(p) = std::env::var("TUBE_PASSPHRASE") {
+        let p = zeroize::Zeroizing::new(p);
+        return tube::Secret::passphrase(&p).map(Some);
+    }
+    Ok(None)
+}
+
+fn keygen(args: KeygenArgs) -> Result<ExitCode, Error> {
+    use std::io::Write;
+    let key = tube::Secret::generate_key_text();
+    match &args.output {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    Error::Io(io::Error::new(
+                        e.kind(),
+                        format!("creating {}: {e}", path.display()),
+                    ))
+                })?;
+            writeln!(file, "{}", *key)?;
+        }
+        None => print_stdout(&key).map(|_| ())?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Write(args) => write(&cli.common, args).await,
         Command::Read(args) => read(&cli.common, args).await,
+        Command::Keygen(args) => keygen(args),
         Command::Rm(args) => rm(&cli.common, args).await,
         Command::Ls(args) => ls(&cli.common, args).await,
         Command::Stat(args) => stat(&cli.common, args).await,
-        Command::Relay(args) => relay(args).await,
+        Command::Relay(args) => relay(&cli.common, args).await,
     }
 }
 
@@ -135,6 +234,7 @@ async fn write(common: &Common, args: WriteArgs) -> Result<ExitCode, Error> {
         live: args.live,
         ttl: args.ttl,
         zstd_level: args.compress,
+        secret: secret(&args.secret)?,
     };
     let mut input = stdio::read_stdin(opts.max_payload())?;
     let writer = tokio::select! {
@@ -233,6 +333,7 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
     let opts = ReadOptions {
         follow: args.follow,
         from: args.from.start_at(),
+        secret: secret(&args.secret)?,
         ..ReadOptions::default()
     };
     let mut reader = tokio::select! {
@@ -295,17 +396,9 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
     outcome.map(|()| ExitCode::SUCCESS)
 }
 
-async fn relay(args: RelayArgs) -> Result<ExitCode, Error> {
-    let password = match (&args.password_file, std::env::var("TUBE_RELAY_PASSWORD")) {
-        (Some(path), _) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                Error::Io(io::Error::new(
-                    e.kind(),
-                    format!("reading the password file {}: {e}", path.display()),
-                ))
-            })?;
-            Some(text.lines().next().unwrap_or_default().to_string())
-        }
+async fn relay(common: &Common, args: RelayArgs) -> Result<ExitCode, Error> {
+    let password = match (&common.password_file, std::env::var("TUBE_RELAY_PASSWORD")) {
+        (Some(path), _) => Some(first_line(path, "password file")?.to_string()),
         (None, Ok(pw)) => Some(pw),
         (None, Err(_)) => None,
     }

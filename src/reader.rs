@@ -8,6 +8,7 @@
 
 use crate::channel::Channel;
 use crate::client::{COMMAND_TIMEOUT, Conn, RelayConfig};
+use crate::crypto::{Sealer, Secret};
 use crate::error::{Error, Result};
 use crate::record::{self, Begin, Body, EndStatus};
 use crate::session::{self, lease_value};
@@ -56,6 +57,9 @@ pub struct ReadOptions {
     pub from: StartAt,
     /// Bytes to ask for in one read from the relay; bounds the reader's memory.
     pub batch_bytes: usize,
+    /// The secret of encrypted sessions. With a secret, sessions that are not encrypted are
+    /// refused: the relay could have forged them.
+    pub secret: Option<Secret>,
 }
 
 impl Default for ReadOptions {
@@ -64,6 +68,7 @@ impl Default for ReadOptions {
             follow: false,
             from: StartAt::Start,
             batch_bytes: DEFAULT_BATCH_BYTES,
+            secret: None,
         }
     }
 }
@@ -233,6 +238,7 @@ impl Reader {
             session: None,
             count: 16,
             batch_bytes: opts.batch_bytes.max(1),
+            secret: opts.secret,
             shared: shared.clone(),
             registration: registration.clone(),
         };
@@ -400,6 +406,8 @@ struct SessionState {
     /// False once bytes were skipped: the digest can no longer be checked.
     whole: bool,
     hasher: blake3::Hasher,
+    /// The session key, when the session is sealed.
+    sealer: Option<Arc<Sealer>>,
 }
 
 enum Step {
@@ -421,6 +429,7 @@ struct Fetcher {
     session: Option<SessionState>,
     count: usize,
     batch_bytes: usize,
+    secret: Option<Secret>,
     shared: Arc<Shared>,
     registration: Registration,
 }
@@ -607,64 +616,129 @@ impl Fetcher {
             )));
         }
         self.last_id = id;
-        let step = match rec.body {
-            Body::Begin(begin) => {
-                if q != 0 {
-                    return Err(self.corrupt(format!("begin record at {s}-{q}")));
-                }
-                if let Some(old) = self.session.take() {
-                    if old.id >= s {
-                        return Err(
-                            self.corrupt(format!("session {s} begins after session {}", old.id))
-                        );
+        let step =
+            match rec.body {
+                Body::Begin(begin) => {
+                    if q != 0 {
+                        return Err(self.corrupt(format!("begin record at {s}-{q}")));
                     }
-                    // A new session began before the old one ended: its writer died.
-                    self.session_failed(Error::WriterVanished {
-                        channel: self.channel.name().into(),
-                        bytes: old.bytes,
-                    })?;
-                }
-                self.begin(s, &begin, 0);
-                Step::Continue
-            }
-            Body::Data(data) => {
-                self.ensure_session(s, q, data.offset).await?;
-                self.data(s, q, data).await?
-            }
-            Body::End(end) => {
-                self.ensure_session(s, q, end.total_len).await?;
-                let state = self.expect(s, q, None)?;
-                let bytes = state.bytes;
-                if end.total_len != bytes {
-                    return Err(self.corrupt(format!(
-                        "the writer sent {} bytes but the stream ends after {bytes}",
-                        end.total_len
-                    )));
-                }
-                if state.whole && *state.hasher.finalize().as_bytes() != end.digest {
-                    return Err(self.corrupt("the stream's digest does not match".into()));
-                }
-                self.session = None;
-                match end.status {
-                    EndStatus::Complete if self.follow => Step::Continue,
-                    EndStatus::Complete => Step::Done,
-                    EndStatus::Interrupted => {
-                        self.session_failed(Error::Interrupted {
+                    if let Some(old) = self.session.take() {
+                        if old.id >= s {
+                            return Err(self
+                                .corrupt(format!("session {s} begins after session {}", old.id)));
+                        }
+                        // A new session began before the old one ended: its writer died.
+                        self.session_failed(Error::WriterVanished {
                             channel: self.channel.name().into(),
-                            bytes,
+                            bytes: old.bytes,
                         })?;
-                        Step::Continue
                     }
+                    self.begin(s, &begin, 0).await?;
+                    Step::Continue
                 }
-            }
-        };
+                Body::Data(data) => {
+                    self.ensure_session(s, q, data.offset).await?;
+                    self.data(s, q, data).await?
+                }
+                Body::End(end) => {
+                    self.ensure_session(s, q, end.total_len).await?;
+                    if self.session.as_ref().is_some_and(|st| st.sealer.is_some()) {
+                        return Err(self
+                            .corrupt(format!("record {s}-{q} is not sealed in a sealed session")));
+                    }
+                    self.end(s, q, end)?
+                }
+                Body::SealedEnd(sealed) => {
+                    let joined_here = self.session.as_ref().is_none_or(|st| st.id != s);
+                    self.ensure_session(s, q, 0).await?;
+                    let header = record::end_header(s, q, true);
+                    let end = self
+                        .opener(s, q)?
+                        .open(q, &header, &sealed)
+                        .ok_or_else(|| self.tampered(s, q))?;
+                    let end = record::decode_end_payload(&end).map_err(|source| Error::Decode {
+                        channel: self.channel.name().into(),
+                        source,
+                    })?;
+                    if joined_here {
+                        // Joined at the very end: nothing of the session was seen.
+                        self.session.as_mut().expect("joined").bytes = end.total_len;
+                    }
+                    self.end(s, q, end)?
+                }
+            };
         self.set_position(s, q);
         Ok(step)
+    }
+
+    /// Ends session `s` with its end record `q`: checks length and digest.
+    fn end(&mut self, s: u64, q: u64, end: record::End) -> Result<Step> {
+        let state = self.expect(s, q, None)?;
+        let bytes = state.bytes;
+        if end.total_len != bytes {
+            return Err(self.corrupt(format!(
+                "the writer sent {} bytes but the stream ends after {bytes}",
+                end.total_len
+            )));
+        }
+        if state.whole && *state.hasher.finalize().as_bytes() != end.digest {
+            return Err(self.corrupt("the stream's digest does not match".into()));
+        }
+        self.session = None;
+        Ok(match end.status {
+            EndStatus::Complete if self.follow => Step::Continue,
+            EndStatus::Complete => Step::Done,
+            EndStatus::Interrupted => {
+                self.session_failed(Error::Interrupted {
+                    channel: self.channel.name().into(),
+                    bytes,
+                })?;
+                Step::Continue
+            }
+        })
+    }
+
+    /// The open session's key, for a sealed record `s-q`.
+    fn opener(&self, s: u64, q: u64) -> Result<Arc<Sealer>> {
+        self.session
+            .as_ref()
+            .and_then(|st| st.sealer.clone())
+            .ok_or_else(|| {
+                self.corrupt(format!("record {s}-{q} is sealed in a session that is not"))
+            })
+    }
+
+    fn tampered(&self, s: u64, q: u64) -> Error {
+        self.corrupt(format!(
+            "record {s}-{q} fails authentication: it was altered, or does not belong at this \
+             place, session or channel"
+        ))
     }
 
     async fn data(&mut self, s: u64, q: u64, data: record::Data) -> Result<Step> {
         let state = self.expect(s, q, Some(data.offset))?;
         let limit = state.max_payload;
+        let sealed_session = state.sealer.is_some();
+        let mut data = data;
+        if data.sealed {
+            if data.payload.len() > limit + crate::crypto::TAG_LEN {
+                return Err(
+                    self.corrupt(format!("record {s}-{q} is larger than the writer's limit"))
+                );
+            }
+            let mut flags = record::FLAG_SEALED;
+            if data.zstd {
+                flags |= record::FLAG_ZSTD;
+            }
+            let header = record::data_prefix(s, q, data.offset, flags);
+            let opened = self
+                .opener(s, q)?
+                .open(q, &header, &data.payload)
+                .ok_or_else(|| self.tampered(s, q))?;
+            data.payload = Bytes::from(opened);
+        } else if sealed_session {
+            return Err(self.corrupt(format!("record {s}-{q} is not sealed in a sealed session")));
+        }
         let payload = if data.zstd {
             match zstd::bulk::decompress(&data.payload, limit) {
                 Ok(p) => Bytes::from(p),
@@ -779,7 +853,7 @@ impl Fetcher {
             );
             self.shared.skipped.fetch_add(offset, Ordering::Relaxed);
         }
-        self.begin(s, &begin, offset);
+        self.begin(s, &begin, offset).await?;
         let state = self.session.as_mut().expect("just begun");
         state.next_seq = q;
         state.whole = false;
@@ -807,10 +881,38 @@ impl Fetcher {
         }
     }
 
-    fn begin(&mut self, id: u64, begin: &Begin, offset: u64) {
+    async fn begin(&mut self, id: u64, begin: &Begin, offset: u64) -> Result<()> {
         let max_payload = match begin.max_payload as usize {
             0 => MAX_CHUNK_SIZE,
             n => n.min(MAX_CHUNK_SIZE),
+        };
+        let sealer = match (&begin.seal, &self.secret) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::NotEncrypted {
+                    channel: self.channel.name().into(),
+                });
+            }
+            (Some(_), None) => {
+                return Err(Error::KeyRequired {
+                    channel: self.channel.name().into(),
+                });
+            }
+            (Some(params), Some(secret)) => {
+                let context = record::seal_context(id, begin, self.channel.name());
+                let (secret, params, name) = (
+                    secret.clone(),
+                    params.clone(),
+                    self.channel.name().to_owned(),
+                );
+                // Argon2id takes a quarter second of CPU: not on the async threads.
+                let sealer = tokio::task::spawn_blocking(move || {
+                    Sealer::open_session(&secret, &params, &context, &name)
+                })
+                .await
+                .map_err(|e| Error::Io(io::Error::other(e)))??;
+                Some(Arc::new(sealer))
+            }
         };
         // Replies are copies of held records while the relay sends them: stay within the
         // part of the channel's budget the writer keeps free for them.
@@ -824,9 +926,11 @@ impl Fetcher {
             live: begin.live,
             whole: offset == 0,
             hasher: blake3::Hasher::new(),
+            sealer,
         });
         self.shared.session.store(id, Ordering::Relaxed);
         self.shared.bytes.store(offset, Ordering::Relaxed);
         tracing::debug!(channel = self.channel.name(), session = id, "session found");
+        Ok(())
     }
 }

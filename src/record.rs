@@ -23,6 +23,9 @@ pub const CRITICAL_TAG: u8 = 0x80;
 
 /// Data record flag: the payload is a zstd frame.
 pub const FLAG_ZSTD: u8 = 0x01;
+/// Data and end record flag: the payload is sealed (see [`crate::crypto`]); the record's
+/// header is its associated data.
+pub const FLAG_SEALED: u8 = 0x02;
 /// Bytes a data record carries before its payload: the header and the byte offset.
 pub const DATA_PREFIX_LEN: usize = HEADER_LEN + 8;
 
@@ -31,6 +34,8 @@ const TAG_STARTED: u8 = 0x02;
 const TAG_MAX_PAYLOAD: u8 = 0x03;
 const TAG_LIVE: u8 = 0x04;
 const TAG_MAX_BACKLOG: u8 = 0x05;
+/// Critical: the session is sealed; the value is [`crate::crypto::SealParams`].
+const TAG_SEAL: u8 = 0x81;
 
 /// Record kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +75,8 @@ pub struct Begin {
     /// The channel's memory budget on the relay (0: not given); readers size their reads
     /// from it.
     pub max_backlog: u64,
+    /// How the session is sealed, if it is.
+    pub seal: Option<crate::crypto::SealParams>,
 }
 
 /// What an end record says about its session.
@@ -103,6 +110,8 @@ pub enum Body {
     Data(Data),
     /// See [`End`].
     End(End),
+    /// An end record whose payload is sealed: open it, then [`decode_end_payload`].
+    SealedEnd(Bytes),
 }
 
 /// A piece of the stream as stored.
@@ -112,6 +121,8 @@ pub struct Data {
     pub offset: u64,
     /// Whether `payload` is a zstd frame holding the piece.
     pub zstd: bool,
+    /// Whether `payload` is sealed.
+    pub sealed: bool,
     /// The bytes, compressed when `zstd` is set.
     pub payload: Bytes,
 }
@@ -184,6 +195,9 @@ pub fn encode_begin(session: u64, begin: &Begin) -> Bytes {
     put_option(&mut buf, TAG_MAX_PAYLOAD, &begin.max_payload.to_be_bytes());
     put_option(&mut buf, TAG_LIVE, &[u8::from(begin.live)]);
     put_option(&mut buf, TAG_MAX_BACKLOG, &begin.max_backlog.to_be_bytes());
+    if let Some(seal) = &begin.seal {
+        put_option(&mut buf, TAG_SEAL, &seal.encode());
+    }
     buf.freeze()
 }
 
@@ -193,28 +207,74 @@ fn put_option(buf: &mut BytesMut, tag: u8, value: &[u8]) {
     buf.put_slice(value);
 }
 
+/// The bound key context of a session: its begin record without the seal option, and the
+/// channel's name. Everything in it is authenticated by the session key.
+pub fn seal_context(session: u64, begin: &Begin, channel: &str) -> Vec<u8> {
+    let plain = Begin {
+        seal: None,
+        ..begin.clone()
+    };
+    let mut v = encode_begin(session, &plain).to_vec();
+    v.extend_from_slice(channel.as_bytes());
+    v
+}
+
 /// Writes the fixed part of a data record ([`DATA_PREFIX_LEN`] bytes); the payload follows.
-pub fn encode_data_prefix(buf: &mut BytesMut, session: u64, seq: u64, offset: u64, zstd: bool) {
-    let flags = if zstd { FLAG_ZSTD } else { 0 };
+/// `flags` are [`FLAG_ZSTD`] and [`FLAG_SEALED`].
+pub fn encode_data_prefix(buf: &mut BytesMut, session: u64, seq: u64, offset: u64, flags: u8) {
     header(buf, Kind::Data, flags, session, seq);
     buf.put_u64(offset);
 }
 
+/// The fixed part of a data record, on its own (the associated data of a sealed record).
+pub fn data_prefix(session: u64, seq: u64, offset: u64, flags: u8) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(DATA_PREFIX_LEN);
+    encode_data_prefix(&mut buf, session, seq, offset, flags);
+    buf
+}
+
 /// Encodes a data record in one buffer.
 pub fn encode_data(session: u64, seq: u64, offset: u64, zstd: bool, payload: &[u8]) -> Bytes {
+    let flags = if zstd { FLAG_ZSTD } else { 0 };
     let mut buf = BytesMut::with_capacity(DATA_PREFIX_LEN + payload.len());
-    encode_data_prefix(&mut buf, session, seq, offset, zstd);
+    encode_data_prefix(&mut buf, session, seq, offset, flags);
     buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// The header of an end record (the associated data when it is sealed).
+pub fn end_header(session: u64, seq: u64, sealed: bool) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN);
+    header(
+        &mut buf,
+        Kind::End,
+        if sealed { FLAG_SEALED } else { 0 },
+        session,
+        seq,
+    );
+    buf
+}
+
+/// The payload of an end record.
+pub fn end_payload(end: &End) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + 8 + DIGEST_LEN);
+    v.push(end.status as u8);
+    v.extend_from_slice(&end.total_len.to_be_bytes());
+    v.extend_from_slice(&end.digest);
+    v
+}
+
+/// Encodes an end record whose payload is already sealed.
+pub fn encode_sealed_end(session: u64, seq: u64, sealed_payload: &[u8]) -> Bytes {
+    let mut buf = end_header(session, seq, true);
+    buf.put_slice(sealed_payload);
     buf.freeze()
 }
 
 /// Encodes an end record.
 pub fn encode_end(session: u64, seq: u64, end: &End) -> Bytes {
-    let mut buf = BytesMut::with_capacity(HEADER_LEN + 1 + 8 + DIGEST_LEN);
-    header(&mut buf, Kind::End, 0, session, seq);
-    buf.put_u8(end.status as u8);
-    buf.put_u64(end.total_len);
-    buf.put_slice(&end.digest);
+    let mut buf = end_header(session, seq, false);
+    buf.put_slice(&end_payload(end));
     buf.freeze()
 }
 
@@ -235,10 +295,10 @@ pub fn decode(raw: Bytes) -> Result<Record, DecodeError> {
         return Err(DecodeError::Version(raw[0]));
     }
     let flags = raw[2];
-    let known_flags = if raw[1] == Kind::Data as u8 {
-        FLAG_ZSTD
-    } else {
-        0
+    let known_flags = match raw[1] {
+        k if k == Kind::Data as u8 => FLAG_ZSTD | FLAG_SEALED,
+        k if k == Kind::End as u8 => FLAG_SEALED,
+        _ => 0,
     };
     if flags & !known_flags != 0 {
         return Err(DecodeError::Flags(flags));
@@ -257,10 +317,14 @@ pub fn decode(raw: Bytes) -> Result<Record, DecodeError> {
             Body::Data(Data {
                 offset: be_u64(&raw[HEADER_LEN..DATA_PREFIX_LEN]),
                 zstd: flags & FLAG_ZSTD != 0,
+                sealed: flags & FLAG_SEALED != 0,
                 payload: raw.slice(DATA_PREFIX_LEN..),
             })
         }
-        k if k == Kind::End as u8 => Body::End(decode_end(&raw[HEADER_LEN..])?),
+        k if k == Kind::End as u8 && flags & FLAG_SEALED != 0 => {
+            Body::SealedEnd(raw.slice(HEADER_LEN..))
+        }
+        k if k == Kind::End as u8 => Body::End(decode_end_payload(&raw[HEADER_LEN..])?),
         k => return Err(DecodeError::Kind(k)),
     };
     Ok(Record { session, seq, body })
@@ -272,6 +336,7 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
     let mut max_payload = None;
     let mut live = false;
     let mut max_backlog = 0;
+    let mut seal = None;
     while !p.is_empty() {
         if p.len() < 3 {
             return Err(DecodeError::Truncated);
@@ -293,6 +358,12 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
             }
             TAG_LIVE if len == 1 => live = value[0] != 0,
             TAG_MAX_BACKLOG if len == 8 => max_backlog = be_u64(value),
+            TAG_SEAL => {
+                seal = Some(
+                    crate::crypto::SealParams::decode(value)
+                        .ok_or(DecodeError::Malformed("the session's seal option"))?,
+                )
+            }
             TAG_STARTED | TAG_MAX_PAYLOAD | TAG_LIVE | TAG_MAX_BACKLOG => {
                 return Err(DecodeError::Malformed("begin option has the wrong length"));
             }
@@ -307,10 +378,12 @@ fn decode_begin(mut p: &[u8]) -> Result<Begin, DecodeError> {
         max_payload: max_payload.unwrap_or(0),
         live,
         max_backlog,
+        seal,
     })
 }
 
-fn decode_end(p: &[u8]) -> Result<End, DecodeError> {
+/// Decodes the payload of an end record (opened, if it was sealed).
+pub fn decode_end_payload(p: &[u8]) -> Result<End, DecodeError> {
     if p.len() != 1 + 8 + DIGEST_LEN {
         return Err(DecodeError::Malformed("end record has the wrong length"));
     }
@@ -360,6 +433,7 @@ mod tests {
             max_payload: 1024,
             live: true,
             max_backlog: 1 << 20,
+            seal: None,
         };
         let mut raw = encode_begin(4, &begin).to_vec();
         raw.extend_from_slice(&[0x10, 0, 2, 9, 9]);
@@ -381,13 +455,13 @@ mod tests {
         #[test]
         fn data_round_trips(session in 1u64.., seq in 1u64.., offset in any::<u64>(), zstd in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let rec = decode(encode_data(session, seq, offset, zstd, &payload)).unwrap();
-            let data = Data { offset, zstd, payload: Bytes::from(payload) };
+            let data = Data { offset, zstd, sealed: false, payload: Bytes::from(payload) };
             prop_assert_eq!(rec, Record { session, seq, body: Body::Data(data) });
         }
 
         #[test]
         fn begin_round_trips(session in 1u64.., token in any::<[u8; 16]>(), started_ms in any::<u64>(), max_payload in any::<u32>(), live in any::<bool>(), max_backlog in any::<u64>()) {
-            let begin = Begin { token, started_ms, max_payload, live, max_backlog };
+            let begin = Begin { token, started_ms, max_payload, live, max_backlog, seal: None };
             let rec = decode(encode_begin(session, &begin)).unwrap();
             prop_assert_eq!(rec, Record { session, seq: 0, body: Body::Begin(begin) });
         }
@@ -407,7 +481,7 @@ mod tests {
 
         #[test]
         fn decoding_mutated_records_never_panics(pos in 0usize..64, byte in any::<u8>(), cut in 0usize..64) {
-            let mut raw = encode_begin(1, &Begin { token: [1; 16], started_ms: 2, max_payload: 3, live: false, max_backlog: 4 }).to_vec();
+            let mut raw = encode_begin(1, &Begin { token: [1; 16], started_ms: 2, max_payload: 3, live: false, max_backlog: 4, seal: None }).to_vec();
             let len = raw.len();
             raw[pos % len] = byte;
             raw.truncate(len - cut % len);

@@ -11,6 +11,7 @@
 
 use crate::channel::Channel;
 use crate::client::{Conn, RelayConfig};
+use crate::crypto::{Sealer, Secret};
 use crate::error::{Error, Result};
 use crate::record::{self, Begin, End, EndStatus};
 use crate::session::{self, lease_value};
@@ -120,6 +121,8 @@ pub struct WriteOptions {
     pub ttl: Duration,
     /// Compress records with zstd at this level; a record that does not shrink is sent as is.
     pub zstd_level: Option<i32>,
+    /// Seal every record with a key derived from this secret (end-to-end encryption).
+    pub secret: Option<Secret>,
 }
 
 impl WriteOptions {
@@ -138,6 +141,7 @@ impl Default for WriteOptions {
             live: false,
             ttl: DEFAULT_TTL,
             zstd_level: None,
+            secret: None,
         }
     }
 }
@@ -242,12 +246,27 @@ impl Writer {
         }
         let begun = async {
             let (session, held_before) = next_session(&mut ctl, channel).await?;
-            let begin = Begin {
+            let mut begin = Begin {
                 token,
                 started_ms: unix_ms(),
                 max_payload: chunk_size as u32,
                 live: opts.live,
                 max_backlog: opts.max_backlog,
+                seal: None,
+            };
+            let sealer = match &opts.secret {
+                Some(secret) => {
+                    let context = record::seal_context(session, &begin, channel.name());
+                    let secret = secret.clone();
+                    // Argon2id takes a quarter second of CPU: not on the async threads.
+                    let (sealer, params) =
+                        tokio::task::spawn_blocking(move || Sealer::create(&secret, &context))
+                            .await
+                            .map_err(|e| Error::Io(io::Error::other(e)))??;
+                    begin.seal = Some(params);
+                    Some(Arc::new(sealer))
+                }
+                None => None,
             };
             let begin = record::encode_begin(session, &begin);
             let mut pipe = redis::pipe();
@@ -274,10 +293,10 @@ impl Writer {
             let () = ctl.pipe(&pipe).await?;
             let data = relay.connect().await?;
             let begin_size = stored_size(begin.len() + RECORD_OVERHEAD);
-            Ok::<_, Error>((session, held_before, begin_size, data))
+            Ok::<_, Error>((session, held_before, begin_size, data, sealer))
         }
         .await;
-        let (session, held_before, begin_len, data) = match begun {
+        let (session, held_before, begin_len, data, sealer) = match begun {
             Ok(v) => v,
             Err(e) => {
                 release_lease(&mut ctl, channel, &lease).await;
@@ -326,6 +345,7 @@ impl Writer {
                 .max(1),
             live: opts.live,
             zstd_level: opts.zstd_level,
+            sealer,
             held_total: held.iter().map(|h| h.bytes).sum(),
             held,
             readers: None,
@@ -561,6 +581,7 @@ struct Sender {
     max_backlog: u64,
     live: bool,
     zstd_level: Option<i32>,
+    sealer: Option<Arc<Sealer>>,
     held: VecDeque<Held>,
     held_total: u64,
     /// Position of the slowest live reader as last seen; `None` when none is registered.
@@ -677,7 +698,14 @@ impl Sender {
             total_len: bytes,
             digest: *hasher.finalize().as_bytes(),
         };
-        let end = record::encode_end(self.session, seq, &end);
+        let end = match &self.sealer {
+            Some(sealer) => {
+                let header = record::end_header(self.session, seq, true);
+                let sealed = sealer.seal(seq, &header, &record::end_payload(&end));
+                record::encode_sealed_end(self.session, seq, &sealed)
+            }
+            None => record::encode_end(self.session, seq, &end),
+        };
         let end_size = stored_size(end.len() + RECORD_OVERHEAD);
         let reply: Value = self
             .data
@@ -711,21 +739,29 @@ impl Sender {
         }
     }
 
-    /// Builds a record for `payload`, compressed when that makes it smaller.
+    /// Builds a record for `payload`: compressed when that makes it smaller, then sealed
+    /// when the session is encrypted.
     fn encode(&self, seq: u64, offset: u64, payload: Bytes) -> (RecordArg, u64) {
-        let (payload, zstd) = match self.zstd_level {
+        let (mut payload, mut flags) = match self.zstd_level {
             Some(level) => match zstd::bulk::compress(&payload, level) {
-                Ok(packed) if packed.len() < payload.len() => (Bytes::from(packed), true),
-                _ => (payload, false),
+                Ok(packed) if packed.len() < payload.len() => {
+                    (Bytes::from(packed), record::FLAG_ZSTD)
+                }
+                _ => (payload, 0),
             },
-            None => (payload, false),
+            None => (payload, 0),
         };
+        if let Some(sealer) = &self.sealer {
+            flags |= record::FLAG_SEALED;
+            let header = record::data_prefix(self.session, seq, offset, flags);
+            payload = Bytes::from(sealer.seal(seq, &header, &payload));
+        }
         let size = stored_size(RECORD_OVERHEAD + payload.len());
         let record = RecordArg {
             session: self.session,
             seq,
             offset,
-            zstd,
+            flags,
             payload,
         };
         (record, size)
@@ -968,7 +1004,7 @@ struct RecordArg {
     session: u64,
     seq: u64,
     offset: u64,
-    zstd: bool,
+    flags: u8,
     payload: Bytes,
 }
 
@@ -978,7 +1014,7 @@ impl ToRedisArgs for RecordArg {
         W: ?Sized + RedisWrite,
     {
         let mut prefix = BytesMut::with_capacity(record::DATA_PREFIX_LEN);
-        record::encode_data_prefix(&mut prefix, self.session, self.seq, self.offset, self.zstd);
+        record::encode_data_prefix(&mut prefix, self.session, self.seq, self.offset, self.flags);
         let mut w = out.writer_for_next_arg();
         // Writing into the command's own buffer cannot fail.
         let _ = io::Write::write_all(&mut w, &prefix);
