@@ -140,6 +140,9 @@ impl RelayConfig {
             // tube sets its own deadlines per command: a blocking read must be able to wait.
             .set_response_timeout(None)
             .set_pipeline_buffer_size(PIPELINE_BUFFER);
+        if self.tls.is_some() {
+            install_crypto_provider();
+        }
         let client = match &self.tls {
             None => redis::Client::open(self.info.clone()),
             Some(tls) => redis::Client::build_with_tls(
@@ -234,6 +237,15 @@ fn is_auth_error(e: &RedisError) -> bool {
     matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
         || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
         || e.to_string().contains("invalid password")
+}
+
+/// Chooses rustls's cryptography (ring) for the whole process, once.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Fails only if a provider is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 fn is_tls_error(e: &RedisError) -> bool {
