@@ -1855,7 +1855,7 @@ mod tests {
         assert_eq!(h.run("XREAD STREAMS s $"), "*-1");
         assert_eq!(h.run("XREAD BLOCK 10 STREAMS s $"), "<blocked>");
         assert_eq!(h.run("XREAD BLOCK 10 STREAMS absent 0-0"), "<blocked>");
-        assert_eq!(h.run("XREAD STREAMS s"), "-ERR Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified.");
+        assert_eq!(h.run("XREAD STREAMS s t u"), "-ERR Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified.");
         assert_eq!(h.run("XDEL s 5-0 9-9"), ":1");
         assert_eq!(h.run("XREVRANGE s + - COUNT 1"), "*1 *2 $3 4-0 *2 $1 f $2 v4");
     }
