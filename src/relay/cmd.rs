@@ -18,7 +18,8 @@ use tokio::sync::Notify;
 /// The Redis version the relay answers as: the one whose command semantics it follows.
 pub(crate) const REDIS_VERSION: &str = "7.2.0";
 
-pub(crate) const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+pub(crate) const WRONGTYPE: &str =
+    "WRONGTYPE Operation against a key holding the wrong kind of value";
 pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 pub(crate) const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
 pub(crate) const OOM: &str = "OOM command not allowed when used memory > 'maxmemory'.";
@@ -48,13 +49,16 @@ pub(crate) struct BlockSpec {
     pub deadline: Option<Instant>,
 }
 
+/// A blocked client: its ID and what wakes it.
+pub(crate) type Waiter = (u64, Arc<Notify>);
+
 /// State shared by every connection, behind one mutex.
 pub(crate) struct State {
     pub ks: Keyspace,
     /// Bytes the data set may be counted as.
     pub max_memory: usize,
     /// Clients blocked in XREAD, by (db, key): woken directly by XADD.
-    pub waiters: HashMap<(usize, Bytes), Vec<(u64, Arc<Notify>)>>,
+    pub waiters: HashMap<(usize, Bytes), Vec<Waiter>>,
     /// Connected clients, for CLIENT LIST and INFO.
     pub clients: HashMap<u64, ClientInfo>,
     pub next_client_id: u64,
@@ -230,7 +234,9 @@ static COMMANDS: &[Spec] = &[
 ];
 
 fn lookup(name: &[u8]) -> Option<&'static Spec> {
-    COMMANDS.iter().find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
+    COMMANDS
+        .iter()
+        .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Redis's "unknown command" message, arguments quoted and cut at 128 bytes.
@@ -582,11 +588,10 @@ fn client_line(id: u64, info: Option<&ClientInfo>) -> String {
 // ---- keys ----
 
 fn type_(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let t = c
-        .st
-        .ks
-        .get(c.cl.db, &args[1], c.now)
-        .map_or("none", |e| e.value.type_name());
+    let t =
+        c.st.ks
+            .get(c.cl.db, &args[1], c.now)
+            .map_or("none", |e| e.value.type_name());
     c.out.simple(t);
     Ok(Flow::Continue)
 }
@@ -664,7 +669,9 @@ fn pexpire(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 
 fn expire(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     let s = int_arg(&args[2])?;
-    let when = s.checked_mul(1000).and_then(|ms| ms.checked_add(c.now as i64));
+    let when = s
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(c.now as i64));
     expire_generic(c, args, when, "expire")
 }
 
@@ -702,11 +709,10 @@ fn pttl(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn persist(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let had = c
-        .st
-        .ks
-        .get(c.cl.db, &args[1], c.now)
-        .is_some_and(|e| e.expires().is_some());
+    let had =
+        c.st.ks
+            .get(c.cl.db, &args[1], c.now)
+            .is_some_and(|e| e.expires().is_some());
     if had {
         c.st.ks.set_expiry(c.cl.db, &args[1], None, c.now);
     }
@@ -756,13 +762,12 @@ fn scan(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn keys(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let found: Vec<Bytes> = c
-        .st
-        .ks
-        .keys(c.cl.db, c.now)
-        .filter(|(k, _)| glob::matches(&args[1], k))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let found: Vec<Bytes> =
+        c.st.ks
+            .keys(c.cl.db, c.now)
+            .filter(|(k, _)| glob::matches(&args[1], k))
+            .map(|(k, _)| k.clone())
+            .collect();
     c.out.array(found.len());
     for k in &found {
         c.out.bulk(k);
@@ -879,8 +884,13 @@ fn set(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
         if expires.is_some_and(|t| t <= c.now) {
             c.st.ks.delete(db, &args[1], c.now);
         } else {
-            c.st.ks
-                .set(db, own(&args[1]), Value::Str(own(&args[2])), expires, keep_ttl);
+            c.st.ks.set(
+                db,
+                own(&args[1]),
+                Value::Str(own(&args[2])),
+                expires,
+                keep_ttl,
+            );
         }
     }
     if get {
@@ -911,24 +921,23 @@ fn read_hash<'a>(c: &'a mut Ctx<'_>, key: &Bytes) -> Result<Option<&'a Hash>, Re
 fn write_hash<R>(c: &mut Ctx<'_>, key: &Bytes, f: impl FnOnce(&mut Hash) -> R) -> Result<R, Reply> {
     let db = c.cl.db;
     match c.st.ks.get(db, key, c.now).map(|e| &e.value) {
-        None => c
-            .st
-            .ks
-            .set(db, own(key), Value::Hash(Hash::default()), None, false),
+        None => {
+            c.st.ks
+                .set(db, own(key), Value::Hash(Hash::default()), None, false)
+        }
         Some(Value::Hash(_)) => {}
         Some(_) => return Err(WRONGTYPE.into()),
     }
-    let (r, empty) = c
-        .st
-        .ks
-        .update(db, key, c.now, |v| match v {
-            Value::Hash(h) => {
-                let r = f(h);
-                (Some(r), h.fields.is_empty())
-            }
-            _ => (None, false),
-        })
-        .unwrap_or((None, false));
+    let (r, empty) =
+        c.st.ks
+            .update(db, key, c.now, |v| match v {
+                Value::Hash(h) => {
+                    let r = f(h);
+                    (Some(r), h.fields.is_empty())
+                }
+                _ => (None, false),
+            })
+            .unwrap_or((None, false));
     if empty {
         c.st.ks.delete(db, key, c.now);
     }
@@ -936,7 +945,7 @@ fn write_hash<R>(c: &mut Ctx<'_>, key: &Bytes, f: impl FnOnce(&mut Hash) -> R) -
 }
 
 fn hset_pairs(c: &mut Ctx<'_>, args: &[Bytes], name: &str) -> Result<i64, Reply> {
-    if args.len() % 2 != 0 {
+    if !args.len().is_multiple_of(2) {
         return Err(wrong_args(name));
     }
     write_hash(c, &args[1], |h| {
@@ -1011,7 +1020,12 @@ fn hmget(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 
 fn hash_pairs(c: &mut Ctx<'_>, key: &Bytes) -> Result<Vec<(Bytes, Bytes)>, Reply> {
     Ok(read_hash(c, key)?
-        .map(|h| h.fields.iter().map(|(f, v)| (f.clone(), v.clone())).collect())
+        .map(|h| {
+            h.fields
+                .iter()
+                .map(|(f, v)| (f.clone(), v.clone()))
+                .collect()
+        })
         .unwrap_or_default())
 }
 
@@ -1114,7 +1128,9 @@ fn parse_trim(args: &[Bytes], i: &mut usize) -> Result<TrimArgs, Reply> {
             return Err("ERR The LIMIT argument must be >= 0.".into());
         }
         if !approx {
-            return Err("ERR syntax error, LIMIT cannot be used without the special ~ option".into());
+            return Err(
+                "ERR syntax error, LIMIT cannot be used without the special ~ option".into(),
+            );
         }
         limit = n as usize;
         *i += 2;
@@ -1145,7 +1161,7 @@ fn xadd(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
         }
     };
     let fields = &args[i..];
-    if fields.is_empty() || fields.len() % 2 != 0 {
+    if fields.is_empty() || !fields.len().is_multiple_of(2) {
         return Err(wrong_args("xadd"));
     }
     if id == NewId::Exact(StreamId::MIN) {
@@ -1163,8 +1179,7 @@ fn xadd(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
             c.out.null();
             return Ok(Flow::Continue);
         }
-        c.st
-            .ks
+        c.st.ks
             .set(db, own(key), Value::Stream(Stream::new()), None, false);
     }
     let fields: stream::Fields = fields.iter().map(own).collect();
@@ -1210,7 +1225,11 @@ fn write_entries(out: &mut Out, entries: &[(StreamId, &stream::Fields)]) {
 }
 
 fn range_generic(c: &mut Ctx<'_>, args: &[Bytes], rev: bool) -> CmdResult {
-    let (lo_arg, hi_arg) = if rev { (&args[3], &args[2]) } else { (&args[2], &args[3]) };
+    let (lo_arg, hi_arg) = if rev {
+        (&args[3], &args[2])
+    } else {
+        (&args[2], &args[3])
+    };
     let bound = |a: &Bytes, missing: u64| -> Result<(StreamId, bool), Reply> {
         match a.strip_prefix(b"(") {
             Some(rest) => Ok((stream::parse_exact_id(rest, missing, true)?, true)),
@@ -1397,8 +1416,9 @@ fn xread(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
             count = (n > 0).then_some(n as usize);
             i += 2;
         } else if is(a, "BLOCK") && i + 1 < args.len() {
-            let ms = parse_i64(&args[i + 1])
-                .ok_or(Cow::Borrowed("ERR timeout is not an integer or out of range"))?;
+            let ms = parse_i64(&args[i + 1]).ok_or(Cow::Borrowed(
+                "ERR timeout is not an integer or out of range",
+            ))?;
             if ms < 0 {
                 return Err("ERR timeout is negative".into());
             }
@@ -1409,7 +1429,7 @@ fn xread(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
         }
     };
     let rest = &args[streams_at..];
-    if rest.is_empty() || rest.len() % 2 != 0 {
+    if rest.is_empty() || !rest.len().is_multiple_of(2) {
         return Err("ERR Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified.".into());
     }
     let (keys, ids) = rest.split_at(rest.len() / 2);
@@ -1665,7 +1685,11 @@ fn config(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
         ];
         let found: Vec<_> = params
             .iter()
-            .filter(|(name, _)| args[2..].iter().any(|p| glob::matches(&p.to_ascii_lowercase(), name.as_bytes())))
+            .filter(|(name, _)| {
+                args[2..]
+                    .iter()
+                    .any(|p| glob::matches(&p.to_ascii_lowercase(), name.as_bytes()))
+            })
             .collect();
         c.out.map(found.len());
         for (name, value) in found {
@@ -1781,7 +1805,10 @@ mod tests {
                 return "<blocked>".into();
             }
             let bytes: Vec<u8> = out.slices().iter().flat_map(|s| s.to_vec()).collect();
-            String::from_utf8_lossy(&bytes).replace("\r\n", " ").trim_end().to_string()
+            String::from_utf8_lossy(&bytes)
+                .replace("\r\n", " ")
+                .trim_end()
+                .to_string()
         }
     }
 
@@ -1792,20 +1819,35 @@ mod tests {
             h.run("foo a b"),
             "-ERR unknown command 'foo', with args beginning with: 'a' 'b'"
         );
-        assert_eq!(h.run("foo"), "-ERR unknown command 'foo', with args beginning with:");
-        assert_eq!(h.run("XADD s"), "-ERR wrong number of arguments for 'xadd' command");
-        assert_eq!(h.run("XADD s * f"), "-ERR wrong number of arguments for 'xadd' command");
+        assert_eq!(
+            h.run("foo"),
+            "-ERR unknown command 'foo', with args beginning with:"
+        );
+        assert_eq!(
+            h.run("XADD s"),
+            "-ERR wrong number of arguments for 'xadd' command"
+        );
+        assert_eq!(
+            h.run("XADD s * f"),
+            "-ERR wrong number of arguments for 'xadd' command"
+        );
         h.run("SET str v");
         assert_eq!(h.run("XADD str * f v"), format!("-{WRONGTYPE}"));
         assert_eq!(h.run("HGET str f"), format!("-{WRONGTYPE}"));
         assert_eq!(h.run("SELECT 16"), "-ERR DB index is out of range");
-        assert_eq!(h.run("CLIENT FOO"), "-ERR unknown subcommand 'FOO'. Try CLIENT HELP.");
+        assert_eq!(
+            h.run("CLIENT FOO"),
+            "-ERR unknown subcommand 'FOO'. Try CLIENT HELP."
+        );
     }
 
     #[test]
     fn xadd_ids_follow_redis() {
         let mut h = Harness::new();
-        assert_eq!(h.run("XADD s 0-0 f v"), "-ERR The ID specified in XADD must be greater than 0-0");
+        assert_eq!(
+            h.run("XADD s 0-0 f v"),
+            "-ERR The ID specified in XADD must be greater than 0-0"
+        );
         assert_eq!(h.run("TYPE s"), "+none");
         assert_eq!(h.run("XADD s 1-1 f v"), "$3 1-1");
         assert_eq!(
@@ -1819,8 +1861,14 @@ mod tests {
         assert_eq!(h.run("XADD missing NOMKSTREAM * f v"), "$-1");
         assert_eq!(h.run("XADD s MAXLEN 2 * f v"), "$9 1000000-2");
         assert_eq!(h.run("XLEN s"), ":2");
-        assert_eq!(h.run("XADD s MAXLEN = 1 LIMIT 5 * f v"), "-ERR syntax error, LIMIT cannot be used without the special ~ option");
-        assert_eq!(h.run("XADD s x-1 f v"), "-ERR Invalid stream ID specified as stream command argument");
+        assert_eq!(
+            h.run("XADD s MAXLEN = 1 LIMIT 5 * f v"),
+            "-ERR syntax error, LIMIT cannot be used without the special ~ option"
+        );
+        assert_eq!(
+            h.run("XADD s x-1 f v"),
+            "-ERR Invalid stream ID specified as stream command argument"
+        );
     }
 
     #[test]
@@ -1830,7 +1878,10 @@ mod tests {
         assert_eq!(h.run("XTRIM s MAXLEN 0"), ":1");
         assert_eq!(h.run("TYPE s"), "+stream");
         assert_eq!(h.run("XLEN s"), ":0");
-        assert!(h.run("XADD s 5-5 f v").starts_with("-ERR The ID specified in XADD is equal"));
+        assert!(
+            h.run("XADD s 5-5 f v")
+                .starts_with("-ERR The ID specified in XADD is equal")
+        );
         let info = h.run("XINFO STREAM s");
         assert!(info.contains("last-generated-id $3 5-5"), "{info}");
         assert!(info.contains("max-deleted-entry-id $3 5-5"), "{info}");
@@ -1844,20 +1895,44 @@ mod tests {
         for i in 1..=5 {
             h.run(&format!("XADD s {i}-0 f v{i}"));
         }
-        assert_eq!(h.run("XRANGE s (2 4 COUNT 5"), "*2 *2 $3 3-0 *2 $1 f $2 v3 *2 $3 4-0 *2 $1 f $2 v4");
-        assert_eq!(h.run("XREVRANGE s + - COUNT 1"), "*1 *2 $3 5-0 *2 $1 f $2 v5");
+        assert_eq!(
+            h.run("XRANGE s (2 4 COUNT 5"),
+            "*2 *2 $3 3-0 *2 $1 f $2 v3 *2 $3 4-0 *2 $1 f $2 v4"
+        );
+        assert_eq!(
+            h.run("XREVRANGE s + - COUNT 1"),
+            "*1 *2 $3 5-0 *2 $1 f $2 v5"
+        );
         assert_eq!(h.run("XRANGE s - + COUNT 0"), "*0");
-        assert_eq!(h.run("XRANGE s (- +"), "-ERR Invalid stream ID specified as stream command argument");
-        assert_eq!(h.run("XRANGE s (18446744073709551615-18446744073709551615 +"), "-ERR invalid start ID for the interval");
+        assert_eq!(
+            h.run("XRANGE s (- +"),
+            "-ERR Invalid stream ID specified as stream command argument"
+        );
+        assert_eq!(
+            h.run("XRANGE s (18446744073709551615-18446744073709551615 +"),
+            "-ERR invalid start ID for the interval"
+        );
         assert_eq!(h.run("XRANGE nothing - +"), "*0");
-        assert_eq!(h.run("XREAD COUNT 1 STREAMS s 4"), "*1 *2 $1 s *1 *2 $3 5-0 *2 $1 f $2 v5");
-        assert_eq!(h.run("XREAD STREAMS s +"), "*1 *2 $1 s *1 *2 $3 5-0 *2 $1 f $2 v5");
+        assert_eq!(
+            h.run("XREAD COUNT 1 STREAMS s 4"),
+            "*1 *2 $1 s *1 *2 $3 5-0 *2 $1 f $2 v5"
+        );
+        assert_eq!(
+            h.run("XREAD STREAMS s +"),
+            "*1 *2 $1 s *1 *2 $3 5-0 *2 $1 f $2 v5"
+        );
         assert_eq!(h.run("XREAD STREAMS s $"), "*-1");
         assert_eq!(h.run("XREAD BLOCK 10 STREAMS s $"), "<blocked>");
         assert_eq!(h.run("XREAD BLOCK 10 STREAMS absent 0-0"), "<blocked>");
-        assert_eq!(h.run("XREAD STREAMS s t u"), "-ERR Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified.");
+        assert_eq!(
+            h.run("XREAD STREAMS s t u"),
+            "-ERR Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified."
+        );
         assert_eq!(h.run("XDEL s 5-0 9-9"), ":1");
-        assert_eq!(h.run("XREVRANGE s + - COUNT 1"), "*1 *2 $3 4-0 *2 $1 f $2 v4");
+        assert_eq!(
+            h.run("XREVRANGE s + - COUNT 1"),
+            "*1 *2 $3 4-0 *2 $1 f $2 v4"
+        );
     }
 
     #[test]
@@ -1869,7 +1944,10 @@ mod tests {
         assert_eq!(h.run("TTL k"), ":1");
         assert_eq!(h.run("SET k w XX KEEPTTL GET"), "$1 v");
         assert_eq!(h.run("PTTL k"), ":1000");
-        assert_eq!(h.run("SET k v PX 0"), "-ERR invalid expire time in 'set' command");
+        assert_eq!(
+            h.run("SET k v PX 0"),
+            "-ERR invalid expire time in 'set' command"
+        );
         assert_eq!(h.run("SET k v EX 1 PX 1"), "-ERR syntax error");
         h.now += 1000;
         assert_eq!(h.run("GET k"), "$-1");
@@ -1892,11 +1970,17 @@ mod tests {
         assert_eq!(h.run("HSETNX m proto 1"), ":1");
         assert_eq!(h.run("HSETNX m proto 2"), ":0");
         assert_eq!(h.run("HINCRBY m session 1"), ":1");
-        assert_eq!(h.run("HINCRBY m proto 9223372036854775807"), "-ERR increment or decrement would overflow");
+        assert_eq!(
+            h.run("HINCRBY m proto 9223372036854775807"),
+            "-ERR increment or decrement would overflow"
+        );
         assert_eq!(h.run("HSET m session 7 x y"), ":1");
         assert_eq!(h.run("HMGET m proto session nope"), "*3 $1 1 $1 7 $-1");
         assert_eq!(h.run("HINCRBY m x 1"), "-ERR hash value is not an integer");
-        assert_eq!(h.run("HSET m a"), "-ERR wrong number of arguments for 'hset' command");
+        assert_eq!(
+            h.run("HSET m a"),
+            "-ERR wrong number of arguments for 'hset' command"
+        );
         assert_eq!(h.run("HDEL m proto session x"), ":3");
         assert_eq!(h.run("EXISTS m"), ":0");
         assert_eq!(h.run("HMGET m a"), "*1 $-1");
@@ -1905,18 +1989,27 @@ mod tests {
     #[test]
     fn auth_and_oom() {
         let mut h = Harness::new();
-        assert_eq!(h.run("AUTH x"), "-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?");
+        assert_eq!(
+            h.run("AUTH x"),
+            "-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?"
+        );
         h.password = Some(blake3::hash(b"secret"));
         h.cl.authenticated = false;
         assert_eq!(h.run("GET k"), format!("-{NOAUTH}"));
-        assert_eq!(h.run("nosuch"), "-ERR unknown command 'nosuch', with args beginning with:");
+        assert_eq!(
+            h.run("nosuch"),
+            "-ERR unknown command 'nosuch', with args beginning with:"
+        );
         assert_eq!(h.run("AUTH wrong"), format!("-{WRONGPASS}"));
         assert_eq!(h.run("AUTH other secret"), format!("-{WRONGPASS}"));
         assert!(h.run("HELLO 3").starts_with("-NOAUTH HELLO must be called"));
         assert!(h.run("HELLO 3 AUTH default secret").starts_with("%7 "));
         assert_eq!(h.run("PING"), "+PONG");
         h.st.max_memory = 2000;
-        assert_eq!(h.run("SET big 0123456789012345678901234567890123456789"), "+OK");
+        assert_eq!(
+            h.run("SET big 0123456789012345678901234567890123456789"),
+            "+OK"
+        );
         let big = "x".repeat(3000);
         assert_eq!(h.run(&format!("XADD s * f {big}")), format!("-{OOM}"));
         assert_eq!(h.run("DEL big"), ":1");
@@ -1948,14 +2041,25 @@ mod tests {
             let text = String::from_utf8(text).unwrap();
             let parts: Vec<&str> = text.split("\r\n").collect();
             cursor = parts[2].to_string();
-            found.extend(parts.iter().filter(|p| p.starts_with("tube:")).map(|p| p.to_string()));
+            found.extend(
+                parts
+                    .iter()
+                    .filter(|p| p.starts_with("tube:"))
+                    .map(|p| p.to_string()),
+            );
             if cursor == "0" {
                 break;
             }
         }
         found.sort();
-        assert_eq!(found, ["tube:{a}:meta", "tube:{a}:stream", "tube:{a}:writer"]);
-        assert_eq!(h.run("SCAN 0 TYPE stream COUNT 100"), "*2 $1 0 *1 $15 tube:{a}:stream");
+        assert_eq!(
+            found,
+            ["tube:{a}:meta", "tube:{a}:stream", "tube:{a}:writer"]
+        );
+        assert_eq!(
+            h.run("SCAN 0 TYPE stream COUNT 100"),
+            "*2 $1 0 *1 $15 tube:{a}:stream"
+        );
         assert_eq!(h.run("KEYS *writer"), "*1 $15 tube:{a}:writer");
         assert_eq!(h.run("DBSIZE"), ":4");
     }

@@ -175,7 +175,14 @@ impl Conn {
                     password: password.as_ref(),
                 };
                 let mut st = self.shared.lock();
-                cmd::execute(&mut st, &mut self.client, &mut self.out, &cfg, &args, unix_ms())
+                cmd::execute(
+                    &mut st,
+                    &mut self.client,
+                    &mut self.out,
+                    &cfg,
+                    &args,
+                    unix_ms(),
+                )
             };
             drop(args);
             match flow {
@@ -225,7 +232,15 @@ impl Conn {
                 }
             };
             let mut st = shared.lock();
-            if cmd::retry_block(&mut st, &mut self.client, &mut self.out, &cfg, &spec, unix_ms(), timed_out) {
+            if cmd::retry_block(
+                &mut st,
+                &mut self.client,
+                &mut self.out,
+                &cfg,
+                &spec,
+                unix_ms(),
+                timed_out,
+            ) {
                 break Ok(());
             }
         };
@@ -265,19 +280,24 @@ impl Conn {
             }
         }
         let chunk = match self.need {
-            Some(need) if need > self.buf.len() => (need - self.buf.len()).min(MAX_READ),
+            // A large request is read to its end and no further, into its own buffer.
+            Some(need) if need >= OWN_BUFFER_AT && need > self.buf.len() => {
+                (need - self.buf.len()).min(MAX_READ)
+            }
             _ => READ_CHUNK,
         };
-        let want = self.buf.len() + chunk;
+        let own_buffer = self
+            .need
+            .filter(|&need| need >= OWN_BUFFER_AT && self.buf.capacity() < need);
+        // A buffer of its own is allocated whole: the budget covers all of it.
+        let want = own_buffer.unwrap_or(self.buf.len() + chunk);
         self.take_budget(want).await?;
-        if let Some(need) = self.need {
-            if need >= OWN_BUFFER_AT && self.buf.capacity() < need {
-                // One buffer of exactly the request's size: the payload stored from it then
-                // carries no slack, and the bytes already read are copied once, not the whole.
-                let mut own = BytesMut::with_capacity(need);
-                own.extend_from_slice(&self.buf);
-                self.buf = own;
-            }
+        if let Some(need) = own_buffer {
+            // One buffer of exactly the request's size: the payload stored from it then
+            // carries no slack, and the bytes already read are copied once, not the whole.
+            let mut own = BytesMut::with_capacity(need);
+            own.extend_from_slice(&self.buf);
+            self.buf = own;
         }
         if self.buf.capacity() - self.buf.len() < chunk {
             self.buf.reserve(chunk);

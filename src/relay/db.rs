@@ -31,7 +31,9 @@ pub(crate) struct Key {
 
 /// The hash SCAN orders keys by. Fixed keys make the order the same for every scan.
 fn key_hash(name: &[u8]) -> u64 {
-    let mut h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
     h.write(name);
     // 0 is the cursor that means "start" and "done": keep it for that.
     h.finish().max(1)
@@ -202,7 +204,13 @@ impl Keyspace {
     }
 
     /// Changes a live key's value in place, keeping the count right; `None` if it is absent.
-    pub fn update<R>(&mut self, db: usize, name: &Bytes, now: u64, f: impl FnOnce(&mut Value) -> R) -> Option<R> {
+    pub fn update<R>(
+        &mut self,
+        db: usize,
+        name: &Bytes,
+        now: u64,
+        f: impl FnOnce(&mut Value) -> R,
+    ) -> Option<R> {
         let entry = self.get_mut(db, name, now)?;
         let before = counted(name, entry);
         let r = f(&mut entry.value);
@@ -212,7 +220,14 @@ impl Keyspace {
     }
 
     /// Stores a value under a key, replacing anything there; `keep_ttl` keeps its expiry.
-    pub fn set(&mut self, db: usize, name: Bytes, value: Value, expires: Option<u64>, keep_ttl: bool) {
+    pub fn set(
+        &mut self,
+        db: usize,
+        name: Bytes,
+        value: Value,
+        expires: Option<u64>,
+        keep_ttl: bool,
+    ) {
         let key = Key::new(name);
         let old_expiry = self.dbs[db].keys.get(&key).and_then(|e| e.expires);
         let expires = if keep_ttl { old_expiry } else { expires };
@@ -294,13 +309,21 @@ impl Keyspace {
 
     /// Up to about `count` keys from `cursor` on, and the cursor to continue from (0: done).
     /// Expired keys are skipped.
-    pub fn scan(&self, db: usize, cursor: u64, count: usize, now: u64) -> (u64, Vec<(&Bytes, &Entry)>) {
+    pub fn scan(
+        &self,
+        db: usize,
+        cursor: u64,
+        count: usize,
+        now: u64,
+    ) -> (u64, Vec<(&Bytes, &Entry)>) {
         let start = Key {
             hash: cursor,
             name: Bytes::new(),
         };
         let mut out = Vec::new();
-        let mut iter = self.dbs[db].keys.range((Bound::Included(start), Bound::Unbounded));
+        let mut iter = self.dbs[db]
+            .keys
+            .range((Bound::Included(start), Bound::Unbounded));
         for (key, entry) in iter.by_ref() {
             if entry.expires.is_none_or(|t| t > now) {
                 out.push((&key.name, entry));
@@ -388,7 +411,13 @@ mod tests {
             let (next, keys) = ks.scan(0, cursor, 7, 0);
             seen.extend(keys.iter().map(|(k, _)| k.to_vec()));
             // Keys come and go during the scan.
-            ks.set(0, b(&format!("new{rounds}")), Value::Str(b("v")), None, false);
+            ks.set(
+                0,
+                b(&format!("new{rounds}")),
+                Value::Str(b("v")),
+                None,
+                false,
+            );
             ks.delete(0, &b(&format!("new{}", rounds.max(1) - 1)), 0);
             rounds += 1;
             if next == 0 {

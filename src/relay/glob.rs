@@ -140,7 +140,10 @@ mod tests {
             ("abc", "ab"),
         ];
         for (p, t) in no {
-            assert!(!matches(p.as_bytes(), t.as_bytes()), "{p} should not match {t}");
+            assert!(
+                !matches(p.as_bytes(), t.as_bytes()),
+                "{p} should not match {t}"
+            );
         }
     }
 

@@ -114,7 +114,11 @@ pub(crate) fn parse_id(
 }
 
 /// Parses an ID that must be exact (no `ms-*`).
-pub(crate) fn parse_exact_id(s: &[u8], missing_seq: u64, strict: bool) -> Result<StreamId, &'static str> {
+pub(crate) fn parse_exact_id(
+    s: &[u8],
+    missing_seq: u64,
+    strict: bool,
+) -> Result<StreamId, &'static str> {
     match parse_id(s, missing_seq, strict, false)? {
         IdArg::Exact(id) => Ok(id),
         IdArg::AutoSeq(_) => Err(INVALID_ID),
@@ -170,7 +174,11 @@ pub(crate) struct Stream {
 }
 
 fn entry_mem(fields: &[Bytes]) -> usize {
-    ENTRY_OVERHEAD + fields.iter().map(|f| f.len() + FIELD_OVERHEAD).sum::<usize>()
+    ENTRY_OVERHEAD
+        + fields
+            .iter()
+            .map(|f| f.len() + FIELD_OVERHEAD)
+            .sum::<usize>()
 }
 
 impl Stream {
@@ -303,7 +311,11 @@ mod tests {
     use super::*;
 
     fn fields(v: &str) -> Fields {
-        vec![Bytes::from_static(b"f"), Bytes::copy_from_slice(v.as_bytes())].into_boxed_slice()
+        vec![
+            Bytes::from_static(b"f"),
+            Bytes::copy_from_slice(v.as_bytes()),
+        ]
+        .into_boxed_slice()
     }
 
     fn id(ms: u64, seq: u64) -> StreamId {
@@ -314,14 +326,33 @@ mod tests {
     fn ids_parse_like_redis() {
         assert_eq!(parse_id(b"5-3", 0, false, true), Ok(IdArg::Exact(id(5, 3))));
         assert_eq!(parse_id(b"5", 0, false, true), Ok(IdArg::Exact(id(5, 0))));
-        assert_eq!(parse_id(b"5", u64::MAX, false, true), Ok(IdArg::Exact(id(5, u64::MAX))));
+        assert_eq!(
+            parse_id(b"5", u64::MAX, false, true),
+            Ok(IdArg::Exact(id(5, u64::MAX)))
+        );
         assert_eq!(parse_id(b"5-*", 0, true, true), Ok(IdArg::AutoSeq(5)));
-        assert_eq!(parse_id(b"-", 0, false, false), Ok(IdArg::Exact(StreamId::MIN)));
-        assert_eq!(parse_id(b"+", 0, false, false), Ok(IdArg::Exact(StreamId::MAX)));
+        assert_eq!(
+            parse_id(b"-", 0, false, false),
+            Ok(IdArg::Exact(StreamId::MIN))
+        );
+        assert_eq!(
+            parse_id(b"+", 0, false, false),
+            Ok(IdArg::Exact(StreamId::MAX))
+        );
         for bad in [&b"-"[..], b"+"] {
             assert_eq!(parse_id(bad, 0, true, false), Err(INVALID_ID));
         }
-        for bad in [&b""[..], b"a", b"1-", b"-1", b"1-2-3", b"+1", b" 1", b"5-*", b"18446744073709551616"] {
+        for bad in [
+            &b""[..],
+            b"a",
+            b"1-",
+            b"-1",
+            b"1-2-3",
+            b"+1",
+            b" 1",
+            b"5-*",
+            b"18446744073709551616",
+        ] {
             assert_eq!(parse_id(bad, 0, false, false), Err(INVALID_ID), "{bad:?}");
         }
     }
@@ -329,14 +360,26 @@ mod tests {
     #[test]
     fn explicit_ids_must_grow_and_start_above_zero() {
         let mut s = Stream::new();
-        assert_eq!(s.resolve_new_id(NewId::Exact(id(0, 0)), 0), Err(AppendError::Zero));
+        assert_eq!(
+            s.resolve_new_id(NewId::Exact(id(0, 0)), 0),
+            Err(AppendError::Zero)
+        );
         s.append(id(5, 1), fields("a"));
-        assert_eq!(s.resolve_new_id(NewId::Exact(id(5, 1)), 0), Err(AppendError::NotGreater));
-        assert_eq!(s.resolve_new_id(NewId::Exact(id(4, 9)), 0), Err(AppendError::NotGreater));
+        assert_eq!(
+            s.resolve_new_id(NewId::Exact(id(5, 1)), 0),
+            Err(AppendError::NotGreater)
+        );
+        assert_eq!(
+            s.resolve_new_id(NewId::Exact(id(4, 9)), 0),
+            Err(AppendError::NotGreater)
+        );
         assert_eq!(s.resolve_new_id(NewId::Exact(id(5, 2)), 0), Ok(id(5, 2)));
         assert_eq!(s.resolve_new_id(NewId::AutoSeq(5), 0), Ok(id(5, 2)));
         assert_eq!(s.resolve_new_id(NewId::AutoSeq(6), 0), Ok(id(6, 0)));
-        assert_eq!(s.resolve_new_id(NewId::AutoSeq(4), 0), Err(AppendError::NotGreater));
+        assert_eq!(
+            s.resolve_new_id(NewId::AutoSeq(4), 0),
+            Err(AppendError::NotGreater)
+        );
         // The clock behind the last ID: `*` continues after it.
         assert_eq!(s.resolve_new_id(NewId::Auto, 3), Ok(id(5, 2)));
         assert_eq!(s.resolve_new_id(NewId::Auto, 9), Ok(id(9, 0)));
@@ -351,7 +394,10 @@ mod tests {
         assert_eq!(s.delete(&[id(1, 5), id(7, 7)]).0, 1);
         assert_eq!(s.last_id(), id(1, 5));
         assert_eq!(s.max_deleted(), id(1, 5));
-        assert_eq!(s.resolve_new_id(NewId::Exact(id(1, 5)), 0), Err(AppendError::NotGreater));
+        assert_eq!(
+            s.resolve_new_id(NewId::Exact(id(1, 5)), 0),
+            Err(AppendError::NotGreater)
+        );
         assert_eq!(s.trim(Trim::MaxLen(0), 0).0, 4);
         assert_eq!(s.len(), 0);
         assert_eq!(s.last_id(), id(1, 5));
@@ -378,10 +424,17 @@ mod tests {
         for q in 1..=5 {
             s.append(id(q, 0), fields("x"));
         }
-        let ids = |v: Vec<(StreamId, &Fields)>| v.into_iter().map(|(i, _)| i.ms).collect::<Vec<_>>();
+        let ids =
+            |v: Vec<(StreamId, &Fields)>| v.into_iter().map(|(i, _)| i.ms).collect::<Vec<_>>();
         assert_eq!(ids(s.range(id(2, 0), id(4, 0), false, None)), [2, 3, 4]);
-        assert_eq!(ids(s.range(StreamId::MIN, StreamId::MAX, true, Some(2))), [5, 4]);
-        assert_eq!(ids(s.range(id(4, 0), id(2, 0), false, None)), Vec::<u64>::new());
+        assert_eq!(
+            ids(s.range(StreamId::MIN, StreamId::MAX, true, Some(2))),
+            [5, 4]
+        );
+        assert_eq!(
+            ids(s.range(id(4, 0), id(2, 0), false, None)),
+            Vec::<u64>::new()
+        );
     }
 
     #[test]

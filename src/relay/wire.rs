@@ -114,7 +114,9 @@ pub(crate) fn scan(buf: &[u8], authenticated: bool) -> Result<Scan, ProtocolErro
     }
     for _ in 0..count {
         let Some(&kind) = buf.get(pos) else {
-            return Ok(Scan::Incomplete { need: Some(pos + 4) });
+            return Ok(Scan::Incomplete {
+                need: Some(pos + 4),
+            });
         };
         if kind != b'$' {
             return Err(ProtocolError::ExpectedBulk(char::from(kind)));
@@ -147,7 +149,10 @@ pub(crate) fn scan(buf: &[u8], authenticated: bool) -> Result<Scan, ProtocolErro
 ///
 /// # Errors
 /// When the decoder disagrees with [`scan`], which would be a bug in one of them.
-pub(crate) fn decode_multibulk(buf: &mut BytesMut, len: usize) -> Result<Vec<Bytes>, ProtocolError> {
+pub(crate) fn decode_multibulk(
+    buf: &mut BytesMut,
+    len: usize,
+) -> Result<Vec<Bytes>, ProtocolError> {
     use redis_protocol::resp2::{decode::decode_bytes_mut, types::BytesFrame};
     let disagree = |what: &str| ProtocolError::Decoder(format!("the request decoder {what}"));
     // Only the scanned request is given to the decoder, so it cannot read past it.
@@ -203,7 +208,10 @@ pub(crate) fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
                 match c {
                     None => return None,
                     Some(b'\\') if line.get(i + 1) == Some(&b'x') => {
-                        match (line.get(i + 2).and_then(|&c| hex(c)), line.get(i + 3).and_then(|&c| hex(c))) {
+                        match (
+                            line.get(i + 2).and_then(|&c| hex(c)),
+                            line.get(i + 3).and_then(|&c| hex(c)),
+                        ) {
                             (Some(h), Some(l)) => {
                                 cur.push(h * 16 + l);
                                 i += 3;
@@ -416,7 +424,11 @@ impl Out {
         if !self.cur.is_empty() {
             self.segs.push_back(self.cur.split().freeze());
         }
-        self.segs.iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect()
+        self.segs
+            .iter()
+            .take(MAX_IOV)
+            .map(|b| IoSlice::new(b))
+            .collect()
     }
 
     /// Drops `n` written bytes from the front.
@@ -511,20 +523,34 @@ mod tests {
     #[test]
     fn redis_limits_and_messages() {
         assert_eq!(scan(b"$99999999999\r\n", true), Ok(Scan::Inline(14)));
-        assert_eq!(scan(b"*1\r\n$99999999999\r\n", true), Err(ProtocolError::BulkLength));
+        assert_eq!(
+            scan(b"*1\r\n$99999999999\r\n", true),
+            Err(ProtocolError::BulkLength)
+        );
         assert_eq!(scan(b"*1\r\n$-5\r\n", true), Err(ProtocolError::BulkLength));
         assert_eq!(scan(b"*x\r\n", true), Err(ProtocolError::MultibulkLength));
-        assert_eq!(scan(b"*2\r\n:1\r\n", true), Err(ProtocolError::ExpectedBulk(':')));
+        assert_eq!(
+            scan(b"*2\r\n:1\r\n", true),
+            Err(ProtocolError::ExpectedBulk(':'))
+        );
         assert_eq!(scan(b"*20\r\n", false), Err(ProtocolError::UnauthMultibulk));
-        assert_eq!(scan(b"*1\r\n$20000\r\n", false), Err(ProtocolError::UnauthBulk));
+        assert_eq!(
+            scan(b"*1\r\n$20000\r\n", false),
+            Err(ProtocolError::UnauthBulk)
+        );
         assert_eq!(scan(b"*0\r\n", true), Ok(Scan::Skip(4)));
         assert_eq!(scan(b"*-1\r\n", true), Ok(Scan::Skip(5)));
         assert_eq!(scan(b"\r\n", true), Ok(Scan::Skip(2)));
         assert_eq!(
             scan(b"*1\r\n$300000\r\nab", true),
-            Ok(Scan::Incomplete { need: Some(13 + 300_002) })
+            Ok(Scan::Incomplete {
+                need: Some(13 + 300_002)
+            })
         );
-        assert_eq!(scan(&vec![b'a'; MAX_INLINE + 1], true), Err(ProtocolError::InlineTooBig));
+        assert_eq!(
+            scan(&vec![b'a'; MAX_INLINE + 1], true),
+            Err(ProtocolError::InlineTooBig)
+        );
         let mut long = b"*1".to_vec();
         long.extend(vec![b'1'; MAX_INLINE + 1]);
         assert_eq!(scan(&long, true), Err(ProtocolError::MultibulkLineTooBig));
@@ -536,9 +562,22 @@ mod tests {
 
     #[test]
     fn inline_requests_split_like_redis() {
-        let args = |s: &str| split_args(s.as_bytes()).map(|v| v.iter().map(|b| b.to_vec()).collect::<Vec<_>>());
-        assert_eq!(args("set  a \"b c\\n\" 'd\\'e'"), Some(vec![b"set".to_vec(), b"a".to_vec(), b"b c\n".to_vec(), b"d'e".to_vec()]));
-        assert_eq!(args("get \"\\x41\""), Some(vec![b"get".to_vec(), b"A".to_vec()]));
+        let args = |s: &str| {
+            split_args(s.as_bytes()).map(|v| v.iter().map(|b| b.to_vec()).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            args("set  a \"b c\\n\" 'd\\'e'"),
+            Some(vec![
+                b"set".to_vec(),
+                b"a".to_vec(),
+                b"b c\n".to_vec(),
+                b"d'e".to_vec()
+            ])
+        );
+        assert_eq!(
+            args("get \"\\x41\""),
+            Some(vec![b"get".to_vec(), b"A".to_vec()])
+        );
         assert_eq!(args("get \"a"), None);
         assert_eq!(args("get \"a\"b"), None);
         assert_eq!(feed(b"PING\r\nECHO hi\n", &[]).unwrap().len(), 2);
