@@ -103,7 +103,7 @@ impl Client {
     /// Whether the relay closed the connection (after any replies already sent).
     fn closed(&mut self) -> bool {
         let mut rest = Vec::new();
-        matches!(self.r.read_to_end(&mut rest), Ok(_))
+        self.r.read_to_end(&mut rest).is_ok()
     }
 }
 

@@ -4,7 +4,7 @@
 //! [`Out`]; an `Err` is an error reply. Replies and error strings follow Redis 7 so that any
 //! Redis client, `redis-cli` included, sees what it expects.
 
-use super::db::{self, Hash, Keyspace, Value};
+use super::db::{self, Hash, Keyspace, List, Value};
 use super::glob;
 use super::stream::{self, AppendError, IdArg, NewId, Stream, StreamId, Trim};
 use super::wire::Out;
@@ -217,6 +217,12 @@ static COMMANDS: &[Spec] = &[
     spec("hdel", -3, 0, hdel),
     spec("hlen", 2, 0, hlen),
     spec("hexists", 3, 0, hexists),
+    spec("rpush", -3, DENYOOM, rpush),
+    spec("lpush", -3, DENYOOM, lpush),
+    spec("rpop", 2, 0, rpop),
+    spec("lpop", 2, 0, lpop),
+    spec("llen", 2, 0, llen),
+    spec("lrange", 4, 0, lrange),
     spec("xlen", 2, 0, xlen),
     spec("xdel", -3, 0, xdel),
     spec("xtrim", -4, 0, xtrim),
@@ -1078,6 +1084,109 @@ fn hlen(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 fn hexists(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     let has = read_hash(c, &args[1])?.is_some_and(|h| h.fields.contains_key(&args[2]));
     c.out.int(i64::from(has));
+    Ok(Flow::Continue)
+}
+
+// ---- lists ----
+
+fn read_list<'a>(c: &'a mut Ctx<'_>, key: &Bytes) -> Result<Option<&'a List>, Reply> {
+    match c.st.ks.get(c.cl.db, key, c.now).map(|e| &e.value) {
+        None => Ok(None),
+        Some(Value::List(l)) => Ok(Some(l)),
+        Some(_) => Err(WRONGTYPE.into()),
+    }
+}
+
+/// Changes the list at a key, creating it if needed; an emptied list is removed.
+fn write_list<R>(c: &mut Ctx<'_>, key: &Bytes, f: impl FnOnce(&mut List) -> R) -> Result<R, Reply> {
+    let db = c.cl.db;
+    if read_list(c, key)?.is_none() {
+        c.st.ks
+            .set(db, own(key), Value::List(List::default()), None, false);
+    }
+    let (r, empty) =
+        c.st.ks
+            .update(db, key, c.now, |v| match v {
+                Value::List(l) => {
+                    let r = f(l);
+                    (Some(r), l.items.is_empty())
+                }
+                _ => (None, false),
+            })
+            .unwrap_or((None, false));
+    if empty {
+        c.st.ks.delete(db, key, c.now);
+    }
+    r.ok_or(Cow::Borrowed(WRONGTYPE))
+}
+
+fn push(c: &mut Ctx<'_>, args: &[Bytes], front: bool) -> CmdResult {
+    let n = write_list(c, &args[1], |l| {
+        for item in &args[2..] {
+            l.push(own(item), front);
+        }
+        l.items.len()
+    })?;
+    c.out.int(n as i64);
+    Ok(Flow::Continue)
+}
+
+fn rpush(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
+    push(c, args, false)
+}
+
+fn lpush(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
+    push(c, args, true)
+}
+
+fn pop(c: &mut Ctx<'_>, args: &[Bytes], front: bool) -> CmdResult {
+    if read_list(c, &args[1])?.is_none() {
+        c.out.null();
+        return Ok(Flow::Continue);
+    }
+    match write_list(c, &args[1], |l| l.pop(front))? {
+        Some(v) => c.out.bulk_shared(&v),
+        None => c.out.null(),
+    }
+    Ok(Flow::Continue)
+}
+
+fn rpop(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
+    pop(c, args, false)
+}
+
+fn lpop(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
+    pop(c, args, true)
+}
+
+fn llen(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
+    let n = read_list(c, &args[1])?.map_or(0, |l| l.items.len());
+    c.out.int(n as i64);
+    Ok(Flow::Continue)
+}
+
+fn lrange(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
+    let (start, stop) = (int_arg(&args[2])?, int_arg(&args[3])?);
+    let items: Vec<Bytes> = match read_list(c, &args[1])? {
+        None => Vec::new(),
+        Some(l) => {
+            let len = l.items.len() as i64;
+            let norm = |i: i64| if i < 0 { (len + i).max(0) } else { i };
+            let (start, stop) = (norm(start), norm(stop).min(len - 1));
+            if start > stop || start >= len {
+                Vec::new()
+            } else {
+                l.items
+                    .range(start as usize..=stop as usize)
+                    .cloned()
+                    .collect()
+            }
+        }
+    };
+    c.out.array(items.len());
+    for item in &items {
+        c.out.bulk_shared(item);
+    }
     Ok(Flow::Continue)
 }
 
@@ -2013,6 +2122,22 @@ mod tests {
         let big = "x".repeat(3000);
         assert_eq!(h.run(&format!("XADD s * f {big}")), format!("-{OOM}"));
         assert_eq!(h.run("DEL big"), ":1");
+        assert_eq!(h.st.ks.used(), 0);
+    }
+
+    #[test]
+    fn lists_are_typed_and_ranged() {
+        let mut h = Harness::new();
+        assert_eq!(h.run("RPUSH l b c"), ":2");
+        assert_eq!(h.run("LPUSH l a"), ":3");
+        assert_eq!(h.run("TYPE l"), "+list");
+        assert_eq!(h.run("LRANGE l 0 -1"), "*3 $1 a $1 b $1 c");
+        assert_eq!(h.run("LRANGE l -2 10"), "*2 $1 b $1 c");
+        assert_eq!(h.run("GET l"), format!("-{WRONGTYPE}"));
+        assert_eq!(h.run("LPOP l"), "$1 a");
+        assert_eq!(h.run("RPOP l"), "$1 c");
+        assert_eq!(h.run("RPOP l"), "$1 b");
+        assert_eq!(h.run("EXISTS l"), ":0");
         assert_eq!(h.st.ks.used(), 0);
     }
 

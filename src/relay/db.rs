@@ -88,11 +88,44 @@ impl Hash {
     }
 }
 
+/// A list value with its counted size. tube never makes lists; they exist so that tools and
+/// tests can put one where tube expects its own keys.
+#[derive(Debug, Default)]
+pub(crate) struct List {
+    pub items: std::collections::VecDeque<Bytes>,
+    mem: usize,
+}
+
+impl List {
+    pub fn push(&mut self, item: Bytes, front: bool) {
+        self.mem += item.len() + LIST_ITEM_OVERHEAD;
+        if front {
+            self.items.push_front(item);
+        } else {
+            self.items.push_back(item);
+        }
+    }
+
+    pub fn pop(&mut self, front: bool) -> Option<Bytes> {
+        let item = if front {
+            self.items.pop_front()
+        } else {
+            self.items.pop_back()
+        }?;
+        self.mem -= item.len() + LIST_ITEM_OVERHEAD;
+        Some(item)
+    }
+}
+
+/// Bytes counted for a list item besides its bytes.
+pub(crate) const LIST_ITEM_OVERHEAD: usize = 24;
+
 /// What a key holds.
 #[derive(Debug)]
 pub(crate) enum Value {
     Str(Bytes),
     Hash(Hash),
+    List(List),
     Stream(Stream),
 }
 
@@ -101,6 +134,7 @@ impl Value {
         match self {
             Value::Str(_) => "string",
             Value::Hash(_) => "hash",
+            Value::List(_) => "list",
             Value::Stream(_) => "stream",
         }
     }
@@ -109,6 +143,7 @@ impl Value {
         match self {
             Value::Str(b) => b.len() + STRING_OVERHEAD,
             Value::Hash(h) => h.mem(),
+            Value::List(l) => l.mem,
             Value::Stream(s) => s.mem(),
         }
     }

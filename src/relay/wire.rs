@@ -85,8 +85,13 @@ pub(crate) fn scan(buf: &[u8], authenticated: bool) -> Result<Scan, ProtocolErro
         return Ok(Scan::Incomplete { need: None });
     };
     if first != b'*' {
+        // Over-long lines fail whether or not their end has arrived, so that how the input
+        // was cut never changes the outcome.
         return match buf.iter().position(|&c| c == b'\n') {
-            Some(nl) if buf[..nl].iter().all(|c| matches!(c, b' ' | b'\r' | b'\t')) => {
+            Some(nl)
+                if nl <= MAX_INLINE
+                    && buf[..nl].iter().all(|c| matches!(c, b' ' | b'\r' | b'\t')) =>
+            {
                 Ok(Scan::Skip(nl + 1))
             }
             Some(nl) if nl <= MAX_INLINE => Ok(Scan::Inline(nl + 1)),
@@ -94,12 +99,10 @@ pub(crate) fn scan(buf: &[u8], authenticated: bool) -> Result<Scan, ProtocolErro
             _ => Err(ProtocolError::InlineTooBig),
         };
     }
-    let Some(end) = find_crlf(buf, 1) else {
-        return if buf.len() > MAX_INLINE {
-            Err(ProtocolError::MultibulkLineTooBig)
-        } else {
-            Ok(Scan::Incomplete { need: None })
-        };
+    let end = match find_crlf(buf, 1) {
+        Some(end) if end <= MAX_INLINE => end,
+        None if buf.len() <= MAX_INLINE => return Ok(Scan::Incomplete { need: None }),
+        _ => return Err(ProtocolError::MultibulkLineTooBig),
     };
     let count = parse_len(&buf[1..end]).ok_or(ProtocolError::MultibulkLength)?;
     if count > MAX_MULTIBULK {
@@ -121,12 +124,10 @@ pub(crate) fn scan(buf: &[u8], authenticated: bool) -> Result<Scan, ProtocolErro
         if kind != b'$' {
             return Err(ProtocolError::ExpectedBulk(char::from(kind)));
         }
-        let Some(end) = find_crlf(buf, pos + 1) else {
-            return if buf.len() - pos > MAX_INLINE {
-                Err(ProtocolError::BulkLineTooBig)
-            } else {
-                Ok(Scan::Incomplete { need: None })
-            };
+        let end = match find_crlf(buf, pos + 1) {
+            Some(end) if end - pos <= MAX_INLINE => end,
+            None if buf.len() - pos <= MAX_INLINE => return Ok(Scan::Incomplete { need: None }),
+            _ => return Err(ProtocolError::BulkLineTooBig),
         };
         let len = parse_len(&buf[pos + 1..end]).ok_or(ProtocolError::BulkLength)?;
         if !(0..=MAX_BULK).contains(&len) {
@@ -621,6 +622,19 @@ mod tests {
             let got = feed(&input, &cuts).unwrap();
             let got: Vec<Vec<Vec<u8>>> = got.iter().map(|r| r.iter().map(|b| b.to_vec()).collect()).collect();
             prop_assert_eq!(got, reqs);
+        }
+
+        #[test]
+        fn a_cut_never_changes_the_meaning(input in prop::collection::vec(prop_oneof![
+                Just(b"*2\r\n".to_vec()), Just(b"$3\r\nabc\r\n".to_vec()), Just(b"PING\r\n".to_vec()),
+                Just(b"\r\n".to_vec()), prop::collection::vec(any::<u8>(), 0..3),
+            ], 0..20), cut in any::<usize>()) {
+            let input: Vec<u8> = input.concat();
+            if let Ok(all) = feed(&input, &[]) {
+                let cut = cut % (input.len() + 1);
+                let head = feed(&input[..cut], &[]).expect("a prefix of valid input is valid");
+                prop_assert_eq!(&all[..head.len()], &head[..]);
+            }
         }
 
         #[test]
