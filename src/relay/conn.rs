@@ -1,0 +1,356 @@
+//! One client's connection: read, find whole requests, run them, write the replies.
+//!
+//! The loop is sequential, as Redis's is for one client: every request in the input buffer is
+//! run before the replies are written with one vectored write, so a pipelining client costs
+//! one system call per batch in each direction.
+//!
+//! Memory per client is bounded: an idle client holds no buffer at all; a request being
+//! received holds at most a small allowance unless the shared input budget grants more; a
+//! large request is read into one buffer of exactly its size, which the stored value then
+//! keeps (no copy, no slack); replies stop being produced once a soft limit is pending.
+
+use super::cmd::{self, BlockSpec, Client, Config, Flow};
+use super::wire::{self, Out, Scan};
+use super::{Shared, unix_ms};
+use bytes::{BufMut, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// Bytes read at a time when the size of what comes is unknown.
+const READ_CHUNK: usize = 16 * 1024;
+/// Input a client may hold without drawing on the shared budget.
+const FREE_INPUT: usize = 16 * 1024;
+/// Requests at least this large get a buffer of their own, of exactly their size.
+const OWN_BUFFER_AT: usize = 64 * 1024;
+/// Most bytes read in one go into a large request.
+const MAX_READ: usize = 4 << 20;
+/// Pending reply bytes after which no more requests are run until they are written.
+const OUT_SOFT_LIMIT: usize = 256 * 1024;
+/// A write that makes no progress for this long means the client stopped reading.
+const WRITE_STALL: Duration = Duration::from_secs(60);
+/// A request left half-sent for this long is abandoned with its connection.
+const READ_STALL: Duration = Duration::from_secs(60);
+/// How long a client waits for input budget before it is disconnected.
+const BUDGET_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a connection ended, for the log.
+#[derive(Debug)]
+enum End {
+    Eof,
+    Quit,
+    Shutdown,
+    Protocol(String),
+    Io(std::io::Error),
+    WriteStalled,
+    ReadStalled,
+    NoBudget,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Eof => write!(f, "closed by the client"),
+            End::Quit => write!(f, "QUIT"),
+            End::Shutdown => write!(f, "relay shutting down"),
+            End::Protocol(e) => write!(f, "protocol error: {e}"),
+            End::Io(e) => write!(f, "{e}"),
+            End::WriteStalled => write!(f, "the client stopped reading its replies"),
+            End::ReadStalled => write!(f, "a request was left half-sent"),
+            End::NoBudget => write!(f, "the relay's input buffers are full"),
+        }
+    }
+}
+
+/// Tells a client over the limit why it is refused, then closes.
+pub(crate) async fn refuse(mut sock: TcpStream) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        sock.write_all(b"-ERR max number of clients reached\r\n"),
+    )
+    .await;
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    sock: TcpStream,
+    client: Client,
+    buf: BytesMut,
+    out: Out,
+    /// Length of the request being received, when its headers tell.
+    need: Option<usize>,
+    /// Budget bytes this connection holds.
+    held: usize,
+}
+
+/// Serves one client until it leaves, misbehaves, or the relay stops.
+pub(crate) async fn run(shared: Arc<Shared>, sock: TcpStream, addr: SocketAddr, id: u64) {
+    tracing::debug!(id, %addr, "client connected");
+    let authenticated = shared.password.is_none();
+    let mut conn = Conn {
+        shared: shared.clone(),
+        sock,
+        client: Client {
+            id,
+            db: 0,
+            authenticated,
+            name: None,
+            notify: Arc::new(Notify::new()),
+        },
+        buf: BytesMut::new(),
+        out: Out::new(),
+        need: None,
+        held: 0,
+    };
+    let end = conn.serve().await;
+    shared.budget.give(conn.held);
+    shared.lock().clients.remove(&id);
+    match &end {
+        End::Protocol(_) | End::WriteStalled | End::ReadStalled | End::NoBudget => {
+            tracing::info!(id, %addr, "client disconnected: {end}");
+        }
+        _ => tracing::debug!(id, %addr, "client disconnected: {end}"),
+    }
+}
+
+impl Conn {
+    async fn serve(&mut self) -> End {
+        loop {
+            match self.run_requests().await {
+                Ok(()) => {}
+                Err(end) => {
+                    // Whatever was answered before the end (a protocol error's message, QUIT's
+                    // OK) still goes out.
+                    if !matches!(end, End::Io(_) | End::WriteStalled) {
+                        let _ = self.flush().await;
+                    }
+                    return end;
+                }
+            }
+            if let Err(end) = self.flush().await {
+                return end;
+            }
+            match self.read_more().await {
+                Ok(0) => return End::Eof,
+                Ok(_) => {}
+                Err(end) => return end,
+            }
+        }
+    }
+
+    /// Runs every whole request in the buffer, until the pending replies reach their limit.
+    async fn run_requests(&mut self) -> Result<(), End> {
+        loop {
+            if self.out.len() >= OUT_SOFT_LIMIT {
+                self.flush().await?;
+            }
+            let found = match wire::scan(&self.buf, self.client.authenticated) {
+                Ok(found) => found,
+                Err(e) => return Err(self.protocol_error(e)),
+            };
+            let args = match found {
+                Scan::Incomplete { need } => {
+                    self.need = need;
+                    return Ok(());
+                }
+                Scan::Skip(n) => {
+                    let _ = self.buf.split_to(n);
+                    continue;
+                }
+                Scan::Multibulk(n) => wire::decode_multibulk(&mut self.buf, n),
+                Scan::Inline(n) => wire::decode_inline(&mut self.buf, n),
+            };
+            self.need = None;
+            let args = match args {
+                Ok(args) if args.is_empty() => continue,
+                Ok(args) => args,
+                Err(e) => return Err(self.protocol_error(e)),
+            };
+            let flow = {
+                let password = self.shared.password;
+                let cfg = Config {
+                    password: password.as_ref(),
+                };
+                let mut st = self.shared.lock();
+                cmd::execute(
+                    &mut st,
+                    &mut self.client,
+                    &mut self.out,
+                    &cfg,
+                    &args,
+                    unix_ms(),
+                )
+            };
+            drop(args);
+            match flow {
+                Flow::Continue => {}
+                Flow::Close => return Err(End::Quit),
+                Flow::Block(spec) => self.wait_block(spec).await?,
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, e: wire::ProtocolError) -> End {
+        let msg = e.to_string();
+        self.out.error(&msg);
+        End::Protocol(msg)
+    }
+
+    /// Waits until a blocked XREAD can answer, times out, or the client goes away.
+    async fn wait_block(&mut self, spec: BlockSpec) -> Result<(), End> {
+        self.flush().await?;
+        let notify = self.client.notify.clone();
+        let deadline = spec.deadline.map(tokio::time::Instant::from_std);
+        let shared = self.shared.clone();
+        let cfg_password = shared.password;
+        let cfg = Config {
+            password: cfg_password.as_ref(),
+        };
+        let result = loop {
+            // Input that arrives meanwhile is kept for later, up to the free allowance; a
+            // client that closes its end is noticed at once.
+            let can_read = self.buf.len() < FREE_INPUT;
+            let timed_out = tokio::select! {
+                _ = notify.notified() => false,
+                _ = sleep_until(deadline) => true,
+                _ = shared.shutdown.cancelled() => break Err(End::Shutdown),
+                ready = self.sock.readable(), if can_read => {
+                    if let Err(e) = ready {
+                        break Err(End::Io(e));
+                    }
+                    self.buf.reserve(READ_CHUNK);
+                    match self.sock.try_read_buf(&mut self.buf) {
+                        Ok(0) => break Err(End::Eof),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => break Err(End::Io(e)),
+                    }
+                    continue;
+                }
+            };
+            let mut st = shared.lock();
+            if cmd::retry_block(
+                &mut st,
+                &mut self.client,
+                &mut self.out,
+                &cfg,
+                &spec,
+                unix_ms(),
+                timed_out,
+            ) {
+                break Ok(());
+            }
+        };
+        if result.is_err() {
+            shared.lock().unblock(self.client.id, &spec);
+        }
+        result
+    }
+
+    /// Writes every pending reply, segments gathered into vectored writes.
+    async fn flush(&mut self) -> Result<(), End> {
+        while !self.out.is_empty() {
+            let written = {
+                let slices = self.out.slices();
+                tokio::time::timeout(WRITE_STALL, self.sock.write_vectored(&slices)).await
+            };
+            match written {
+                Ok(Ok(0)) => return Err(End::Eof),
+                Ok(Ok(n)) => self.out.advance(n),
+                Ok(Err(e)) => return Err(End::Io(e)),
+                Err(_) => return Err(End::WriteStalled),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads more input; `Ok(0)` at the end of the stream.
+    async fn read_more(&mut self) -> Result<usize, End> {
+        let shared = self.shared.clone();
+        if self.buf.is_empty() {
+            // Idle: hold no buffer while waiting.
+            self.buf = BytesMut::new();
+            self.settle_budget(0);
+            tokio::select! {
+                ready = self.sock.readable() => ready.map_err(End::Io)?,
+                _ = shared.shutdown.cancelled() => return Err(End::Shutdown),
+            }
+        }
+        let chunk = match self.need {
+            // A large request is read to its end and no further, into its own buffer.
+            Some(need) if need >= OWN_BUFFER_AT && need > self.buf.len() => {
+                (need - self.buf.len()).min(MAX_READ)
+            }
+            _ => READ_CHUNK,
+        };
+        let own_buffer = self
+            .need
+            .filter(|&need| need >= OWN_BUFFER_AT && self.buf.capacity() < need);
+        // A buffer of its own is allocated whole: the budget covers all of it.
+        let want = own_buffer.unwrap_or(self.buf.len() + chunk);
+        self.take_budget(want).await?;
+        if let Some(need) = own_buffer {
+            // One buffer of exactly the request's size: the payload stored from it then
+            // carries no slack, and the bytes already read are copied once, not the whole.
+            let mut own = BytesMut::with_capacity(need);
+            own.extend_from_slice(&self.buf);
+            self.buf = own;
+        }
+        if self.buf.capacity() - self.buf.len() < chunk {
+            self.buf.reserve(chunk);
+        }
+        let stall = if self.buf.is_empty() {
+            None
+        } else {
+            Some(tokio::time::Instant::now() + READ_STALL)
+        };
+        let mut limited = (&mut self.buf).limit(chunk);
+        tokio::select! {
+            read = self.sock.read_buf(&mut limited) => read.map_err(End::Io),
+            _ = sleep_until(stall) => Err(End::ReadStalled),
+            _ = shared.shutdown.cancelled() => Err(End::Shutdown),
+        }
+    }
+
+    /// Makes the budget held match `want` bytes of input, waiting a while for it if needed.
+    async fn take_budget(&mut self, want: usize) -> Result<(), End> {
+        let target = want.saturating_sub(FREE_INPUT);
+        if target <= self.held {
+            self.settle_budget(want);
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + BUDGET_WAIT;
+        loop {
+            let budget = &self.shared.budget;
+            let freed = budget.freed.notified();
+            if budget.try_take(target - self.held) {
+                self.held = target;
+                return Ok(());
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(End::NoBudget),
+                _ = self.shared.shutdown.cancelled() => return Err(End::Shutdown),
+            }
+        }
+    }
+
+    /// Gives back budget beyond what `want` bytes of input need.
+    fn settle_budget(&mut self, want: usize) {
+        let target = want.saturating_sub(FREE_INPUT);
+        if self.held > target {
+            self.shared.budget.give(self.held - target);
+            self.held = target;
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
