@@ -85,8 +85,10 @@ impl RelayConfig {
             _ => return Err(invalid()),
         };
         let redis = info.redis_settings().clone().set_skip_set_lib_name();
+        // Small records must leave at once: no Nagle delay behind an unacknowledged segment.
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
         Ok(Self {
-            info: info.set_redis_settings(redis),
+            info: info.set_redis_settings(redis).set_tcp_settings(tcp),
             addr: addr.into(),
             tls: tls.then(TlsOptions::default),
         })

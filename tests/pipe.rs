@@ -180,8 +180,7 @@ relay_tests! {
         // Wait until the relay holds all of it, then kill the writer without warning.
         let mut admin = relay.admin();
         wait_until(Duration::from_secs(20), "the data on the relay", || {
-            redis::cmd("XLEN").arg("tube:{cam}:stream").query::<u64>(&mut admin).unwrap_or(0)
-                > (data.len() as u64).div_ceil((256 * 1024 - tube::writer::RECORD_OVERHEAD) as u64)
+            stored_payload(&mut admin, "cam") == data.len() as u64
         });
         writer.signal(libc::SIGKILL);
         let killed = Instant::now();
@@ -214,7 +213,7 @@ relay_tests! {
             redis::cmd("XLEN").arg("tube:{stop}:stream").query::<u64>(&mut admin).unwrap_or(0) >= 2
         });
         writer.signal(libc::SIGTERM);
-        let w = writer.wait(Duration::from_secs(10));
+        let w = writer.wait_open(Duration::from_secs(10));
         assert_eq!(w.code(), Some(143), "{}", w.stderr);
         let r = reader.wait(Duration::from_secs(10));
         assert_eq!(r.stdout, b"partial data");

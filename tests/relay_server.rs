@@ -187,6 +187,7 @@ fn auth_is_required_checked_and_never_logged() {
         RelaySpec {
             password: Some(password.into()),
             extra: vec!["-vvv".into()],
+            ..Default::default()
         },
     );
     let mut c = Client::connect(relay.port);

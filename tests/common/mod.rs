@@ -36,6 +36,36 @@ pub struct RelaySpec {
     pub password: Option<String>,
     /// Extra arguments for the relay process.
     pub extra: Vec<String>,
+    /// The relay listens with TLS only (the extra arguments configure it); readiness is
+    /// then judged by the process staying up once the port accepts.
+    pub tls: bool,
+}
+
+/// Whether the relay on `port` is the process `pid` and answers.
+fn serves(port: u16, pid: u32, password: Option<&str>, tls: bool) -> bool {
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        return false;
+    }
+    if tls {
+        std::thread::sleep(Duration::from_millis(100));
+        return true;
+    }
+    let url = format!("redis://127.0.0.1:{port}");
+    let Ok(mut info) = redis::IntoConnectionInfo::into_connection_info(url) else {
+        return false;
+    };
+    if let Some(pw) = password {
+        let r = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(r);
+    }
+    let answer: Option<String> = redis::Client::open(info)
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+        .and_then(|mut c| redis::cmd("INFO").arg("server").query(&mut c))
+        .ok();
+    answer.is_some_and(|info| {
+        info.lines()
+            .any(|l| l.trim() == format!("process_id:{pid}"))
+    })
 }
 
 fn free_port() -> u16 {
@@ -101,7 +131,9 @@ impl TestRelay {
             };
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Another test may have taken the same free port a moment earlier: the relay
+                // that answers must be this one, by its process ID.
+                if serves(port, child.id(), spec.password.as_deref(), spec.tls) {
                     return Self {
                         kind,
                         port,
@@ -284,6 +316,12 @@ impl Proc {
     /// Waits for the process to exit, killing it and failing the test after `limit`.
     pub fn wait(mut self, limit: Duration) -> Output {
         self.close_stdin();
+        self.wait_open(limit)
+    }
+
+    /// Waits for the process to exit without closing its stdin first (after a signal, so
+    /// that the end of input does not race with it).
+    pub fn wait_open(mut self, limit: Duration) -> Output {
         let deadline = Instant::now() + limit;
         let status = loop {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
@@ -446,6 +484,22 @@ impl Proc {
 
 /// A stream entry as the admin connection returns it: ID and field-value pairs.
 pub type Entry = (String, Vec<(String, Vec<u8>)>);
+
+/// Payload bytes of the data records the relay holds for a channel (unsealed ones).
+pub fn stored_payload(admin: &mut redis::Connection, channel: &str) -> u64 {
+    let entries: Vec<Entry> = redis::cmd("XRANGE")
+        .arg(format!("tube:{{{channel}}}:stream"))
+        .arg("-")
+        .arg("+")
+        .query(admin)
+        .unwrap_or_default();
+    entries
+        .iter()
+        .flat_map(|(_, f)| f.iter())
+        .filter(|(_, v)| v.get(1) == Some(&2))
+        .map(|(_, v)| v.len().saturating_sub(28) as u64)
+        .sum()
+}
 
 /// Bytes of every record the relay holds for a channel (the sum of the `r` values).
 pub fn held_bytes(admin: &mut redis::Connection, channel: &str) -> u64 {
