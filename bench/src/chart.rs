@@ -5,7 +5,7 @@
 //! so the chart needs no system font libraries at build time.
 
 use crate::harness::Case;
-use crate::report::{Row, Summary, fmt_ratio};
+use crate::report::{Row, Summary, fmt_ratio, human_bytes};
 use anyhow::{Context, Result, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -57,8 +57,8 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let title = format!(
-        "tube benchmark: {} MB per run, median of {}; latency: {} x {} B at {}/s; ratios to the socat chain",
-        summary.size_bytes / 1_000_000,
+        "tube benchmark: {} per run, median of {}; latency: {} x {} B at {}/s; ratios to the socat chain",
+        human_bytes(summary.size_bytes),
         summary.runs,
         summary.messages,
         summary.message_size,
@@ -96,7 +96,7 @@ fn throughput(area: &DrawingArea<BitMapBackend<'_>, Shift>, rows: &[Row]) -> Dra
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..n).into_segmented(), 0.0..top)?;
+        .build_cartesian_2d((0..n.max(2) - 1).into_segmented(), 0.0..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -107,11 +107,36 @@ fn throughput(area: &DrawingArea<BitMapBackend<'_>, Shift>, rows: &[Row]) -> Dra
                 .map_or(String::new(), |r| short(r.case).into()),
             _ => String::new(),
         })
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .x_label_style(("sans-serif", 15))
         .y_label_style(("sans-serif", 14))
         .y_desc("MB/s")
         .draw()?;
     let label = 15;
+    // The targets for tube: 0.8x and 0.9x of the socat chain.
+    let socat = rows
+        .iter()
+        .find(|r| r.case == Case::Socat)
+        .and_then(|r| r.throughput);
+    if let Some(b) = socat {
+        for (k, name) in [
+            (0.8, "0.8x (b): redis target"),
+            (0.9, "0.9x (b): relay target"),
+        ] {
+            let y = b.median_mb_per_s * k;
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(SegmentValue::Exact(0), y), (SegmentValue::Exact(n), y)],
+                RED.mix(0.6).stroke_width(1),
+            )))?;
+            chart.draw_series(std::iter::once(Text::new(
+                name.to_string(),
+                (SegmentValue::Exact(n - 1), y),
+                TextStyle::from(("sans-serif", 12).into_font())
+                    .color(&RED)
+                    .pos(Pos::new(HPos::Left, VPos::Bottom)),
+            )))?;
+        }
+    }
     for (i, r) in rows.iter().enumerate() {
         let i = i as i32;
         let Some(t) = r.throughput else {
@@ -181,7 +206,7 @@ fn latency(area: &DrawingArea<BitMapBackend<'_>, Shift>, rows: &[Row]) -> DrawRe
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..n).into_segmented(), (low..high).log_scale())?;
+        .build_cartesian_2d((0..n.max(2) - 1).into_segmented(), (low..high).log_scale())?;
     chart
         .configure_mesh()
         .disable_x_mesh()

@@ -511,6 +511,7 @@ fn setup(ctx: &mut Ctx, case: Case, sp: &Spawner, channel: &str) -> Result<Topol
                 ]
             };
             let mut writer = common("write");
+            writer.extend(ctx.args.write_args.split_whitespace().map(OsString::from));
             if case == Case::TubeZstd {
                 writer.push("--compress".into());
                 writer.push("zstd".into());

@@ -96,15 +96,16 @@ pub struct RunArgs {
     /// Memory bound given to `tube relay --max-memory`; 0 picks one that holds a whole run.
     #[arg(long, default_value = "0", value_parser = parse_size_or_zero)]
     pub relay_max_memory: u64,
+    /// Extra arguments for every `tube write` (one string, split at spaces), to try settings,
+    /// e.g. "--window 64 --chunk-size 1M".
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    pub write_args: String,
     /// Use this tube binary instead of building one with `cargo build --release`.
     #[arg(long)]
     pub tube: Option<PathBuf>,
     /// Where results go.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Keep every child's stderr log in the output directory.
-    #[arg(long)]
-    pub keep_logs: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

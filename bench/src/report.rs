@@ -219,6 +219,8 @@ pub struct Summary {
     pub rate: u32,
     pub delay_ms: u64,
     pub relay_max_memory_bytes: u64,
+    /// Extra `tube write` arguments of this run (empty: tube's defaults).
+    pub write_args: String,
     pub rows: Vec<Row>,
     pub targets: Vec<Target>,
 }
@@ -425,6 +427,7 @@ impl Summary {
             rate: args.rate,
             delay_ms: args.delay_ms,
             relay_max_memory_bytes: relay_max_memory,
+            write_args: args.write_args.clone(),
             rows,
             targets,
         }
@@ -447,6 +450,9 @@ impl Summary {
             "Ratios are to (b) the socat chain (for the +{} ms cases: to the socat chain through the same proxy). RSS: peak, MiB.\n",
             self.delay_ms
         );
+        if !self.write_args.is_empty() {
+            let _ = writeln!(t, "tube write runs with: {}\n", self.write_args);
+        }
         let _ = writeln!(
             t,
             "{:<27} {:>8} {:>17} {:>7} | {:>8} {:>8} {:>8} {:>6} {:>6} | {:>6} {:>6} {:>7}",
