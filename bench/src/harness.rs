@@ -545,12 +545,16 @@ fn wait_ready(ready: &Ready, servers: &mut [Proc], deadline: Instant) -> Result<
     Ok(())
 }
 
-/// Stops the servers (the relay's peak RSS is known once it has exited).
-fn stop_servers(servers: &mut [Proc]) -> Result<Option<u64>> {
+/// Stops the servers; returns the relay's peak RSS and CPU time, known once it has exited.
+fn stop_servers(servers: &mut [Proc]) -> Result<(Option<u64>, Option<f64>)> {
     for s in servers.iter_mut().rev() {
         s.stop()?;
     }
-    Ok(servers.first().and_then(Proc::peak_rss_kib))
+    let relay = servers.first();
+    Ok((
+        relay.and_then(Proc::peak_rss_kib),
+        relay.and_then(Proc::cpu_secs),
+    ))
 }
 
 /// Waits for every process in `procs` until the deadline; fails naming the first one still
@@ -654,7 +658,7 @@ fn throughput_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<ThroughputRun> 
             "run",
         )?;
     }
-    let relay_kib = stop_servers(&mut topo.servers)?;
+    let (relay_kib, relay_cpu) = stop_servers(&mut topo.servers)?;
     let secs = (t1 - t0).as_secs_f64();
     Ok(ThroughputRun {
         secs,
@@ -662,6 +666,9 @@ fn throughput_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<ThroughputRun> 
         writer_rss_kib: writer.as_ref().and_then(Proc::peak_rss_kib),
         reader_rss_kib: reader.as_ref().and_then(Proc::peak_rss_kib),
         relay_rss_kib: relay_kib,
+        writer_cpu_s: writer.as_ref().and_then(Proc::cpu_secs),
+        reader_cpu_s: reader.as_ref().and_then(Proc::cpu_secs),
+        relay_cpu_s: relay_cpu,
     })
 }
 

@@ -25,7 +25,7 @@ const POLL: Duration = Duration::from_millis(1);
 
 #[derive(Debug, clap::Args)]
 pub struct WrapArgs {
-    /// File that receives "PEAK_RSS_KIB EXIT_CODE" once the child has exited.
+    /// File that receives "PEAK_RSS_KIB EXIT_CODE USER_US SYSTEM_US" once the child has exited.
     #[arg(long)]
     rusage: PathBuf,
     /// The program and its arguments.
@@ -83,7 +83,14 @@ fn wrap_inner(args: &WrapArgs) -> Result<u8> {
     })?;
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     let code = exit_code(status);
-    std::fs::write(&args.rusage, format!("{} {code}\n", usage.max_rss()))
+    let micros = |t: nix::sys::time::TimeVal| t.tv_sec() * 1_000_000 + t.tv_usec();
+    let line = format!(
+        "{} {code} {} {}\n",
+        usage.max_rss(),
+        micros(usage.user_time()),
+        micros(usage.system_time())
+    );
+    std::fs::write(&args.rusage, line)
         .with_context(|| format!("cannot write {}", args.rusage.display()))?;
     Ok(code)
 }
@@ -267,6 +274,17 @@ impl Proc {
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let text = std::fs::read_to_string(self.rusage.as_ref()?).ok()?;
         text.split_whitespace().next()?.parse().ok()
+    }
+
+    /// CPU seconds (user + system), once a wrapped child has exited.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        let text = std::fs::read_to_string(self.rusage.as_ref()?).ok()?;
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .skip(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        (f.len() == 2).then(|| (f[0] + f[1]) as f64 / 1e6)
     }
 
     /// The last lines of its stderr, for error messages.

@@ -20,6 +20,10 @@ pub struct ThroughputRun {
     pub writer_rss_kib: Option<u64>,
     pub reader_rss_kib: Option<u64>,
     pub relay_rss_kib: Option<u64>,
+    /// CPU seconds (user + system) of each role over the run.
+    pub writer_cpu_s: Option<f64>,
+    pub reader_cpu_s: Option<f64>,
+    pub relay_cpu_s: Option<f64>,
 }
 
 /// Median and range of a case's throughput runs.
@@ -151,6 +155,16 @@ impl CaseResult {
         self.peak_mib(|r| r.relay_rss_kib)
     }
 
+    /// Median CPU seconds per GiB moved for one role.
+    fn cpu_per_gib(&self, pick: fn(&ThroughputRun) -> Option<f64>, size: u64) -> Option<f64> {
+        let v: Vec<f64> = self
+            .ok_runs()
+            .filter_map(pick)
+            .map(|s| s * (1u64 << 30) as f64 / size as f64)
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    }
+
     /// What went wrong, for the table and the JSON.
     pub fn status(&self) -> String {
         if let Some(why) = &self.unavailable {
@@ -207,6 +221,10 @@ pub struct Row {
     pub writer_rss_mib: Option<f64>,
     pub reader_rss_mib: Option<f64>,
     pub relay_rss_mib: Option<f64>,
+    /// CPU seconds (user + system) per GiB moved, median over the runs.
+    pub writer_cpu_s_per_gib: Option<f64>,
+    pub reader_cpu_s_per_gib: Option<f64>,
+    pub relay_cpu_s_per_gib: Option<f64>,
 }
 
 /// The whole run, ready to print, save and draw.
@@ -250,6 +268,9 @@ impl Summary {
                 writer_rss_mib: r.writer_rss_mib(),
                 reader_rss_mib: r.reader_rss_mib(),
                 relay_rss_mib: r.relay_rss_mib(),
+                writer_cpu_s_per_gib: r.cpu_per_gib(|t| t.writer_cpu_s, args.size),
+                reader_cpu_s_per_gib: r.cpu_per_gib(|t| t.reader_cpu_s, args.size),
+                relay_cpu_s_per_gib: r.cpu_per_gib(|t| t.relay_cpu_s, args.size),
             })
             .collect();
 
@@ -499,6 +520,37 @@ impl Summary {
                 fmt_mib(r.relay_rss_mib),
             );
         }
+        let _ = writeln!(
+            t,
+            "\nCPU seconds (user+sys) per GiB moved, median over the throughput runs:"
+        );
+        let _ = writeln!(
+            t,
+            "{:<27} {:>7} {:>7} {:>7} {:>7}",
+            "case", "writer", "reader", "relay", "sum"
+        );
+        let cpu = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.2}"));
+        for r in self
+            .rows
+            .iter()
+            .filter(|r| r.writer_cpu_s_per_gib.is_some())
+        {
+            let parts = [
+                r.writer_cpu_s_per_gib,
+                r.reader_cpu_s_per_gib,
+                r.relay_cpu_s_per_gib,
+            ];
+            let sum = parts.iter().try_fold(0.0, |a, v| v.map(|v| a + v));
+            let _ = writeln!(
+                t,
+                "{:<27} {:>7} {:>7} {:>7} {:>7}",
+                r.label,
+                cpu(parts[0]),
+                cpu(parts[1]),
+                cpu(parts[2]),
+                cpu(sum)
+            );
+        }
         let notes: Vec<&Row> = self.rows.iter().filter(|r| r.status != "ok").collect();
         if !notes.is_empty() {
             let _ = writeln!(t);
@@ -528,7 +580,8 @@ impl Summary {
     pub fn write_files(&self, dir: &Path) -> Result<()> {
         let mut csv = String::from(
             "case,label,status,mb_per_s_median,mb_per_s_min,mb_per_s_max,throughput_ratio,\
-latency_p50_ms,latency_p99_ms,latency_max_ms,p50_ratio,p99_ratio,writer_rss_mib,reader_rss_mib,relay_rss_mib\n",
+latency_p50_ms,latency_p99_ms,latency_max_ms,p50_ratio,p99_ratio,writer_rss_mib,reader_rss_mib,relay_rss_mib,\
+writer_cpu_s_per_gib,reader_cpu_s_per_gib,relay_cpu_s_per_gib\n",
         );
         let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
         for r in &self.rows {
@@ -536,7 +589,7 @@ latency_p50_ms,latency_p99_ms,latency_max_ms,p50_ratio,p99_ratio,writer_rss_mib,
             let l = r.latency.as_ref();
             let _ = writeln!(
                 csv,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 r.case.name(),
                 quote(r.label),
                 quote(&r.status),
@@ -552,6 +605,9 @@ latency_p50_ms,latency_p99_ms,latency_max_ms,p50_ratio,p99_ratio,writer_rss_mib,
                 num(r.writer_rss_mib),
                 num(r.reader_rss_mib),
                 num(r.relay_rss_mib),
+                num(r.writer_cpu_s_per_gib),
+                num(r.reader_cpu_s_per_gib),
+                num(r.relay_cpu_s_per_gib),
             );
         }
         let csv_path = dir.join("results.csv");
