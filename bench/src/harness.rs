@@ -330,7 +330,8 @@ fn probe_relay(ctx: &mut Ctx) -> Result<()> {
     let sp = Spawner::new(ctx.out.join("logs/probe-relay"))?;
     let port = ctx.port()?;
     let mut relay = relay_server(ctx, &sp, port)?;
-    wait_listening(&mut relay, port, Instant::now() + Duration::from_secs(10))?;
+    wait_listening(&mut relay, port, Instant::now() + Duration::from_secs(5))
+        .context("tube relay is not usable yet")?;
     ping(port, Duration::from_secs(2)).context("tube relay does not answer PING")?;
     relay.stop()?;
     Ok(())
