@@ -4,6 +4,8 @@
 //! guard drops; nothing here touches the shared server on port 6379.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
