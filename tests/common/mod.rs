@@ -96,7 +96,12 @@ impl TestRelay {
             let mut cmd = match kind {
                 RelayKind::Redis => {
                     let mut c = Command::new("redis-server");
-                    c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    if spec.tls {
+                        c.args(["--port", "0", "--tls-port", &port.to_string()]);
+                    } else {
+                        c.args(["--port", &port.to_string()]);
+                    }
+                    c.args(["--bind", "127.0.0.1"])
                         .args(["--save", "", "--appendonly", "no"])
                         .arg("--dir")
                         .arg(dir.path())
