@@ -35,7 +35,7 @@ fn encode(c: &mut Criterion) {
         let p = payload(n);
         g.throughput(Throughput::Bytes(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &p, |b, p| {
-            b.iter(|| record::encode_data(black_box(7), black_box(42), black_box(p)))
+            b.iter(|| record::encode_data(black_box(7), black_box(42), black_box(0), false, black_box(p)))
         });
     }
     g.finish();
@@ -44,7 +44,7 @@ fn encode(c: &mut Criterion) {
 fn decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("record/decode_data");
     for n in SIZES {
-        let raw = record::encode_data(7, 42, &payload(n));
+        let raw = record::encode_data(7, 42, 0, false, &payload(n));
         g.throughput(Throughput::Bytes(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &raw, |b, raw| {
             // `Bytes::clone` is a reference count: decoding itself must not copy the payload.
@@ -59,7 +59,7 @@ fn xadd_command(session: u64, seq: u64, p: &[u8]) -> redis::Cmd {
     cmd.arg("tube:{bench}:stream")
         .arg(record::entry_id(session, seq))
         .arg(record::FIELD)
-        .arg(&record::encode_data(session, seq, p)[..]);
+        .arg(&record::encode_data(session, seq, 0, false, p)[..]);
     cmd
 }
 
@@ -81,7 +81,7 @@ fn xread_reply(count: usize, n: usize) -> Vec<u8> {
     let mut out = format!("*1\r\n*2\r\n$19\r\ntube:{{bench}}:stream\r\n*{count}\r\n").into_bytes();
     for seq in 1..=count as u64 {
         let id = record::entry_id(7, seq);
-        let rec = record::encode_data(7, seq, &p);
+        let rec = record::encode_data(7, seq, 0, false, &p);
         out.extend_from_slice(
             format!(
                 "*2\r\n${}\r\n{id}\r\n*2\r\n$1\r\nr\r\n${}\r\n",
