@@ -35,7 +35,15 @@ fn encode(c: &mut Criterion) {
         let p = payload(n);
         g.throughput(Throughput::Bytes(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &p, |b, p| {
-            b.iter(|| record::encode_data(black_box(7), black_box(42), black_box(0), false, black_box(p)))
+            b.iter(|| {
+                record::encode_data(
+                    black_box(7),
+                    black_box(42),
+                    black_box(0),
+                    false,
+                    black_box(p),
+                )
+            })
         });
     }
     g.finish();
