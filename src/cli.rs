@@ -23,6 +23,7 @@ pub struct Cli {
 
 /// Options every command takes.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Relay connection and output")]
 pub struct Common {
     /// Relay URL: redis://[user[:password]@]host[:port][/db] or unix:///path/to/socket.
     /// A password is better given in TUBE_PASSWORD than on the command line.
@@ -123,6 +124,7 @@ pub struct WriteArgs {
 /// The end-to-end encryption secret. The key can also come from TUBE_KEY and the passphrase
 /// from TUBE_PASSPHRASE.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "End-to-end encryption")]
 pub struct SecretArgs {
     /// Encrypt end to end with the key in FILE (made by `tube keygen -o FILE`).
     #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
