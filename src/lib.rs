@@ -13,6 +13,7 @@
 //! - [`reader`]: [`Reader`], batched reads, every record checked.
 //! - [`relay`]: `tube relay`, the built-in Redis-protocol relay.
 //! - [`admin`]: listing, inspecting and deleting channels.
+//! - [`units`]: byte sizes as people write them.
 //! - [`error`]: [`Error`], one type for everything that can go wrong.
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod reader;
 pub mod record;
 pub mod relay;
 mod session;
+pub mod units;
 pub mod writer;
 
 pub use channel::{Channel, DEFAULT_PREFIX};

@@ -245,22 +245,14 @@ fn passwords_appear_in_no_output_even_at_trace_level() {
         outputs.push(run(c, b""));
     }
     // And failures: a wrong password and an unreachable relay, with the password in the URL.
-    let mut c = relay.tube(&[
-        "read",
-        "red",
-        "--url",
-        &format!("redis://:{secret}x@127.0.0.1:{}", relay.port),
-    ]);
-    c.env_remove("TUBE_PASSWORD");
-    outputs.push(run(c, b""));
-    let mut c = relay.tube(&[
-        "read",
-        "red",
-        "--url",
-        &format!("redis://:{secret}@127.0.0.1:1"),
-    ]);
-    c.env_remove("TUBE_PASSWORD");
-    outputs.push(run(c, b""));
+    for url in [
+        format!("redis://:{secret}x@127.0.0.1:{}", relay.port),
+        format!("redis://:{secret}@127.0.0.1:1"),
+    ] {
+        let mut c = relay.tube(&["read", "red", "--url", &url]);
+        c.env_remove("TUBE_PASSWORD");
+        outputs.push(run(c, b""));
+    }
     assert!(
         outputs
             .iter()

@@ -116,21 +116,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn parse_size_or_zero(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 65536, 64k, 256M, 1G)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("{s:?} has an unknown unit (use k, M or G)")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is out of range"))
+    tube::units::parse_size(s)
 }
 
 fn main() -> ExitCode {

@@ -248,6 +248,15 @@ impl Output {
     }
 }
 
+/// Reads a child's stderr to the end on a thread of its own.
+fn collect(mut err: std::process::ChildStderr) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    })
+}
+
 impl Proc {
     /// Spawns with piped stdin, stdout and stderr, both outputs collected by threads.
     pub fn spawn(mut cmd: Command) -> Self {
@@ -256,7 +265,7 @@ impl Proc {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn tube");
         let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
+        let err = child.stderr.take().unwrap();
         Self {
             child,
             stdout: Some(std::thread::spawn(move || {
@@ -264,11 +273,7 @@ impl Proc {
                 let _ = out.read_to_end(&mut v);
                 v
             })),
-            stderr: Some(std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = err.read_to_string(&mut s);
-                s
-            })),
+            stderr: Some(collect(err)),
         }
     }
 
@@ -279,7 +284,7 @@ impl Proc {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn tube");
         let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
+        let err = child.stderr.take().unwrap();
         let hasher = std::thread::spawn(move || {
             let mut h = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
@@ -298,11 +303,7 @@ impl Proc {
         let p = Self {
             child,
             stdout: None,
-            stderr: Some(std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = err.read_to_string(&mut s);
-                s
-            })),
+            stderr: Some(collect(err)),
         };
         (p, hasher)
     }
@@ -459,7 +460,7 @@ impl Proc {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn tube");
         let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
+        let err = child.stderr.take().unwrap();
         let consumer = std::thread::spawn(move || {
             let started = Instant::now();
             let mut got = Vec::new();
@@ -479,11 +480,7 @@ impl Proc {
         let p = Self {
             child,
             stdout: None,
-            stderr: Some(std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = err.read_to_string(&mut s);
-                s
-            })),
+            stderr: Some(collect(err)),
         };
         (p, consumer)
     }
