@@ -175,6 +175,9 @@ impl Reader {
     /// Connection errors; [`Error::ForeignKey`] when the channel's keys are not tube's.
     pub async fn open(relay: &RelayConfig, channel: &Channel, opts: ReadOptions) -> Result<Self> {
         let mut conn = relay.connect().await?;
+        let pinged = std::time::Instant::now();
+        let _: String = conn.query(&redis::cmd("PING")).await?;
+        let far = pinged.elapsed() >= Duration::from_millis(2);
         let state = session::inspect(&mut conn, channel).await?;
         let latest = state.latest_session;
         // Just before the latest session's begin record.
@@ -237,6 +240,9 @@ impl Reader {
             reported: Some(position),
             session: None,
             count: 16,
+            depth: 1,
+            behind: false,
+            far,
             batch_bytes: opts.batch_bytes.max(1),
             secret: opts.secret,
             shared: shared.clone(),
@@ -428,6 +434,12 @@ struct Fetcher {
     reported: Option<Position>,
     session: Option<SessionState>,
     count: usize,
+    /// Batches asked for at once when behind a distant relay.
+    depth: usize,
+    /// Whether the last read returned a full batch.
+    behind: bool,
+    /// Whether the relay is far enough (a round trip of 2 ms or more) for read-ahead to pay.
+    far: bool,
     batch_bytes: usize,
     secret: Option<Secret>,
     shared: Arc<Shared>,
@@ -446,7 +458,13 @@ impl Fetcher {
 
     async fn fetch(&mut self) -> Result<()> {
         loop {
-            let entries = self.read(Some(BLOCK)).await?;
+            let entries = if self.behind && self.depth > 1 {
+                self.read_ahead().await?
+            } else {
+                self.read(Some(BLOCK)).await?
+            };
+            // A full batch means more is probably waiting.
+            self.behind = entries.len() >= self.count;
             if entries.is_empty() {
                 if self.writer_gone().await? {
                     // The end record may have landed just before the lease was released.
@@ -474,6 +492,48 @@ impl Fetcher {
             }
         }
         Ok(Step::Continue)
+    }
+
+    /// Reads the next `depth` batches of the open session in one round trip, by predicting
+    /// their IDs (they are dense: `SESSION-SEQ`). Used when the reader is behind a distant
+    /// relay, where one batch per round trip would cap the rate. Stops at the first short
+    /// batch: what the later ones hold is read again after it.
+    async fn read_ahead(&mut self) -> Result<Vec<(String, Value)>> {
+        let (Some(state), Some((s, q))) = (
+            &self.session,
+            record::parse_entry_id(self.last_id.as_bytes()),
+        ) else {
+            return self.read(Some(BLOCK)).await;
+        };
+        if state.id != s {
+            return self.read(Some(BLOCK)).await;
+        }
+        let position = *self.shared.position.lock().expect("not poisoned");
+        let mut pipe = redis::pipe();
+        if position != self.reported
+            && let Some(p) = &position
+        {
+            self.registration.report(&mut pipe, p);
+        }
+        let c = self.count as u64;
+        for i in 0..self.depth as u64 {
+            let first = q.saturating_add(1 + i * c);
+            pipe.cmd("XRANGE")
+                .arg(self.channel.stream_key())
+                .arg(record::entry_id(s, first))
+                .arg(record::entry_id(s, first.saturating_add(c - 1)));
+        }
+        let replies: Vec<Value> = self.conn.pipe_unbounded(&pipe, COMMAND_TIMEOUT).await?;
+        self.reported = position;
+        let mut out = Vec::new();
+        for reply in replies {
+            let before = out.len();
+            self.parse_entries(reply, &mut out)?;
+            if ((out.len() - before) as u64) < c {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Reads the next entries; reports the reader's position in the same round trip.
@@ -525,26 +585,34 @@ impl Fetcher {
         };
         let mut out = Vec::new();
         for entries in streams {
-            let Value::Array(entries) = entries else {
-                return Err(shape());
-            };
-            for entry in entries {
-                let Value::Array(mut pair) = entry else {
-                    return Err(shape());
-                };
-                if pair.len() != 2 {
-                    return Err(shape());
-                }
-                let fields = pair.pop().expect("two items");
-                let id = match pair.pop().expect("two items") {
-                    Value::BulkString(id) => String::from_utf8(id).map_err(|_| shape())?,
-                    Value::SimpleString(id) => id,
-                    _ => return Err(shape()),
-                };
-                out.push((id, fields));
-            }
+            self.parse_entries(entries, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Appends the entries of one stream (an XRANGE answer, or one stream of an XREAD
+    /// answer) to `out`.
+    fn parse_entries(&self, entries: Value, out: &mut Vec<(String, Value)>) -> Result<()> {
+        let shape = || self.corrupt("the relay's answer has an unexpected shape".into());
+        let Value::Array(entries) = entries else {
+            return Err(shape());
+        };
+        for entry in entries {
+            let Value::Array(mut pair) = entry else {
+                return Err(shape());
+            };
+            if pair.len() != 2 {
+                return Err(shape());
+            }
+            let fields = pair.pop().expect("two items");
+            let id = match pair.pop().expect("two items") {
+                Value::BulkString(id) => String::from_utf8(id).map_err(|_| shape())?,
+                Value::SimpleString(id) => id,
+                _ => return Err(shape()),
+            };
+            out.push((id, fields));
+        }
+        Ok(())
     }
 
     /// Whether the writer of the session being read no longer holds the lease.
@@ -917,6 +985,13 @@ impl Fetcher {
         // Replies are copies of held records while the relay sends them: stay within the
         // part of the channel's budget the writer keeps free for them.
         self.count = crate::writer::reader_batch(begin.max_backlog, max_payload, self.batch_bytes);
+        self.depth = match (self.far, begin.max_backlog) {
+            (true, budget) if budget > 0 => {
+                let batch = self.count as u64 * crate::writer::reply_cost(max_payload);
+                (crate::writer::reply_room(budget) / batch).clamp(1, 8) as usize
+            }
+            _ => 1,
+        };
         self.session = Some(SessionState {
             id,
             lease: lease_value(&begin.token),

@@ -24,6 +24,8 @@ pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>>
                 if buf.capacity() < chunk {
                     buf = BytesMut::with_capacity(chunk.max(64 * 1024) * 4);
                 }
+                // What the last read did not fill is still zeroed and stays in `buf`: only the
+                // bytes handed on are zeroed again.
                 buf.resize(chunk, 0);
                 let n = match input.read(&mut buf) {
                     Ok(0) => return,
@@ -35,7 +37,6 @@ pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>>
                     }
                 };
                 let piece = buf.split_to(n).freeze();
-                buf.clear();
                 if tx.blocking_send(Ok(piece)).is_err() {
                     return;
                 }

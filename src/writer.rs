@@ -1,8 +1,9 @@
 //! The writing end of a channel: one session, from its begin record to its end record.
 //!
 //! Data flows: caller -> bounded queue -> sender task -> pipelined `XADD`s on one connection.
-//! The sender keeps up to `window` appends in flight, so a distant relay costs one round trip
-//! per window rather than per record. A second connection renews the writer's lease and keeps
+//! The sender keeps up to `window` appends in flight (and a number of bytes sized from the
+//! measured round trip), so a distant relay costs one round trip per window rather than per
+//! record. A second connection renews the writer's lease and keeps
 //! the channel's keys alive, so that renewals never queue behind megabytes of data.
 //!
 //! The relay holds at most `max_backlog` bytes of the channel. To append past that, the
@@ -40,7 +41,22 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 /// Default largest payload of one record.
 pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 /// Default number of appends in flight.
-pub const DEFAULT_WINDOW: usize = 16;
+pub const DEFAULT_WINDOW: usize = 256;
+/// Most bytes of appends in flight to a nearby relay (round trip under 2 ms): acknowledgements
+/// come back at once, and more would only hold memory.
+pub const WINDOW_BYTES: u64 = 4 * 1024 * 1024;
+/// Most bytes of appends in flight to a distant relay: sized for about 400 MB/s over the
+/// measured round trip, up to this much.
+pub const MAX_WINDOW_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The bytes in flight that keep a relay `rtt` away busy.
+fn window_bytes(rtt: Duration) -> u64 {
+    if rtt < Duration::from_millis(2) {
+        return WINDOW_BYTES;
+    }
+    let want = (rtt.as_secs_f64() * 400e6) as u64;
+    want.clamp(WINDOW_BYTES, MAX_WINDOW_BYTES)
+}
 /// Largest record size accepted by [`WriteOptions`]; readers refuse larger records.
 pub const MAX_CHUNK_SIZE: usize = 16 * 1024 * 1024;
 /// Bytes a stored data record takes beyond its payload: tube's own prefix plus what a Redis
@@ -60,6 +76,16 @@ pub fn reply_room(max_backlog: u64) -> u64 {
 /// keeps free: a reply costs each record's stored size plus the relay's reply block around
 /// it (16 KiB on Redis).
 pub fn reader_batch(max_backlog: u64, max_payload: usize, batch_bytes: usize) -> usize {
+    let per_record = reply_cost(max_payload);
+    let room = match max_backlog {
+        0 => batch_bytes as u64,
+        budget => (reply_room(budget) / 2).min(batch_bytes as u64),
+    };
+    ((room / per_record) as usize).clamp(1, 1024)
+}
+
+/// What one record of `max_payload` bytes costs the relay while it is in a reply.
+pub fn reply_cost(max_payload: usize) -> u64 {
     const REPLY_BLOCK: usize = 16 * 1024;
     let record = max_payload + RECORD_OVERHEAD;
     // Smaller records share reply blocks; larger ones each get their own, and the bytes
@@ -69,12 +95,7 @@ pub fn reader_batch(max_backlog: u64, max_payload: usize, batch_bytes: usize) ->
     } else {
         0
     };
-    let per_record = stored_size(record) + block as u64;
-    let room = match max_backlog {
-        0 => batch_bytes as u64,
-        budget => (reply_room(budget) / 2).min(batch_bytes as u64),
-    };
-    ((room / per_record) as usize).clamp(1, 1024)
+    stored_size(record) + block as u64
 }
 
 /// The memory a stored entry of `len` bytes takes on the relay: Redis rounds each stream node
@@ -110,7 +131,7 @@ pub struct WriteOptions {
     /// appends are in flight is coalesced up to this size; data never waits for more data.
     /// A power of two wastes nothing in the relay's allocator.
     pub chunk_size: usize,
-    /// Appends in flight at most.
+    /// Appends in flight at most (and never more bytes than the round trip calls for).
     pub window: usize,
     /// The channel's memory budget on the relay: the records it holds plus one reader's reply
     /// in flight stay within it (one record more at worst).
@@ -291,12 +312,15 @@ impl Writer {
                 pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
             }
             let () = ctl.pipe(&pipe).await?;
-            let data = relay.connect().await?;
+            let mut data = relay.connect().await?;
+            let pinged = Instant::now();
+            let _: String = data.query(&redis::cmd("PING")).await?;
+            let window_bytes = window_bytes(pinged.elapsed());
             let begin_size = stored_size(begin.len() + RECORD_OVERHEAD);
-            Ok::<_, Error>((session, held_before, begin_size, data, sealer))
+            Ok::<_, Error>((session, held_before, begin_size, data, sealer, window_bytes))
         }
         .await;
-        let (session, held_before, begin_len, data, sealer) = match begun {
+        let (session, held_before, begin_len, data, sealer, window_bytes) = match begun {
             Ok(v) => v,
             Err(e) => {
                 release_lease(&mut ctl, channel, &lease).await;
@@ -339,6 +363,8 @@ impl Writer {
             lease,
             chunk_size,
             window,
+            in_flight: 0,
+            window_bytes,
             max_backlog: opts
                 .max_backlog
                 .saturating_sub(reply_room(opts.max_backlog))
@@ -562,7 +588,7 @@ struct Held {
 
 /// A request in flight on the data connection.
 enum Request {
-    Append(u64),
+    Append { seq: u64, bytes: u64 },
     Trim,
 }
 
@@ -578,6 +604,10 @@ struct Sender {
     lease: String,
     chunk_size: usize,
     window: usize,
+    /// Bytes of the appends in flight.
+    in_flight: u64,
+    /// Most bytes of appends in flight.
+    window_bytes: u64,
     max_backlog: u64,
     live: bool,
     zstd_level: Option<i32>,
@@ -615,7 +645,7 @@ impl Sender {
         let mut bytes = 0u64;
         let mut hasher = blake3::Hasher::new();
         let status = loop {
-            let room = inflight.len() < self.window;
+            let room = inflight.len() < self.window && self.in_flight < self.window_bytes;
             if room {
                 if let Some((record, size)) = ready_record.take() {
                     if self.held_total + size > self.max_backlog
@@ -635,8 +665,12 @@ impl Sender {
                             let rseq = record.seq;
                             self.push_held((self.session, rseq), size);
                             let cmd = xadd(&self.channel, self.session, rseq, record);
+                            self.in_flight += size;
                             inflight.push_back((
-                                Request::Append(rseq),
+                                Request::Append {
+                                    seq: rseq,
+                                    bytes: size,
+                                },
                                 issue(self.data.raw(), cmd).await,
                             ));
                             self.shared.waiting.store(false, Ordering::Relaxed);
@@ -681,7 +715,7 @@ impl Sender {
                 }
                 acked = async { let front = inflight.front_mut().expect("non-empty"); (&mut front.1).await }, if !inflight.is_empty() => {
                     let (request, _) = inflight.pop_front().expect("non-empty");
-                    self.check_reply(&request, acked)?;
+                    self.acked(&request, acked)?;
                 }
                 _ = tokio::time::sleep(poll_pause), if waiting_for_readers => {
                     self.refresh_readers().await?;
@@ -711,7 +745,7 @@ impl Sender {
             .data
             .query(&xadd(&self.channel, self.session, seq, &end[..]))
             .await?;
-        self.check_reply(&Request::Append(seq), Ok(reply))?;
+        self.check_reply(&Request::Append { seq, bytes: 0 }, Ok(reply))?;
         self.push_held((self.session, seq), end_size);
         Ok(Summary {
             session: self.session,
@@ -886,14 +920,22 @@ impl Sender {
     async fn drain(&mut self, inflight: &mut VecDeque<(Request, Reply)>) -> Result<()> {
         while let Some((request, reply)) = inflight.pop_front() {
             let reply = reply.await;
-            self.check_reply(&request, reply)?;
+            self.acked(&request, reply)?;
         }
         Ok(())
     }
 
+    /// Takes the reply of the oldest request in flight.
+    fn acked(&mut self, request: &Request, reply: RedisResult<Value>) -> Result<()> {
+        if let Request::Append { bytes, .. } = request {
+            self.in_flight -= bytes;
+        }
+        self.check_reply(request, reply)
+    }
+
     fn check_reply(&self, request: &Request, reply: RedisResult<Value>) -> Result<()> {
         match (request, reply) {
-            (Request::Append(seq), Ok(Value::BulkString(id)))
+            (Request::Append { seq, .. }, Ok(Value::BulkString(id)))
                 if id == record::entry_id(self.session, *seq).as_bytes() =>
             {
                 Ok(())
@@ -1171,6 +1213,13 @@ mod tests {
         assert_eq!(stored_size(65537), 81920 + n);
         assert_eq!(stored_size(262_144), 262_144 + n);
         assert_eq!(stored_size(18_000), 20_480 + n);
+    }
+
+    #[test]
+    fn the_window_grows_with_the_round_trip() {
+        assert_eq!(window_bytes(Duration::from_micros(100)), WINDOW_BYTES);
+        assert_eq!(window_bytes(Duration::from_millis(30)), 12_000_000);
+        assert_eq!(window_bytes(Duration::from_millis(500)), MAX_WINDOW_BYTES);
     }
 
     #[test]
