@@ -12,7 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -25,7 +25,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// What a plaintext client on the TLS port is told before the connection closes.
-const PLAINTEXT_REFUSAL: &[u8] = b"-ERR this relay accepts TLS only: connect with rediss://\r\n";
+/// Short: clients may show only the start of an unexpected answer.
+const PLAINTEXT_REFUSAL: &[u8] = b"-ERR relay requires TLS: use rediss://\r\n";
+
+/// How long a refused client's last bytes are drained, so that what it is sent is not lost.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// The relay's TLS files, as PEM.
 ///
@@ -167,10 +171,19 @@ pub(crate) async fn accept(
             Err(e) => return Err(Refused::Handshake(e)),
         }
         if first[0] != TLS_HANDSHAKE_RECORD {
-            let _ = sock.write_all(PLAINTEXT_REFUSAL).await;
+            if sock.write_all(PLAINTEXT_REFUSAL).await.is_ok() {
+                linger(sock).await;
+            }
             return Err(Refused::Plaintext);
         }
-        acceptor.accept(sock).await.map_err(Refused::Handshake)
+        match acceptor.accept(sock).into_fallible().await {
+            Ok(stream) => Ok(stream),
+            Err((e, sock)) => {
+                // rustls has sent an alert that says why (no client certificate, say).
+                linger(sock).await;
+                Err(Refused::Handshake(e))
+            }
+        }
     };
     tokio::select! {
         done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => {
@@ -178,6 +191,20 @@ pub(crate) async fn accept(
         }
         _ = shutdown.cancelled() => Err(Refused::Shutdown),
     }
+}
+
+/// Closes a refused connection so that what it was last sent arrives.
+///
+/// Closing a socket with unread input resets the connection, and a reset can overtake the
+/// last bytes sent (a refusal, a TLS alert). So: end our side, then read what the client still
+/// sends until it closes too, for a moment at most.
+async fn linger(mut sock: TcpStream) {
+    let _ = sock.shutdown().await;
+    let drain = async {
+        let mut scrap = [0u8; 1024];
+        while let Ok(1..) = sock.read(&mut scrap).await {}
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 #[cfg(test)]
