@@ -105,6 +105,31 @@ fn tube_write_and_read_round_trip_byte_exact_over_tls() {
 }
 
 #[test]
+fn a_reader_blocked_on_the_tls_relay_gets_each_piece_as_it_is_written() {
+    let pki = Pki::new();
+    let relay = tube_tls(&pki, false, None);
+    // The reader waits in blocking reads over TLS, before the writer and between pieces.
+    let reader = Proc::spawn(tls_tube(&relay, &pki.ca, &["read", "live"]));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut writer = Proc::spawn(tls_tube(&relay, &pki.ca, &["write", "live"]));
+    let pieces = [
+        b"first;".to_vec(),
+        random_bytes(300_000, 73),
+        b";last".to_vec(),
+    ];
+    for piece in &pieces {
+        writer.stdin().write_all(piece).unwrap();
+        writer.stdin().flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let w = writer.wait(Duration::from_secs(30));
+    assert_eq!(w.code(), Some(0), "{}", w.stderr);
+    let r = reader.wait(Duration::from_secs(30));
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout, pieces.concat());
+}
+
+#[test]
 fn a_client_trusting_another_ca_fails_with_a_tls_error() {
     let pki = Pki::new();
     let other = Pki::new();
@@ -164,6 +189,11 @@ fn tls_and_a_password_work_together_and_a_wrong_password_is_refused() {
     none.env_remove("TUBE_PASSWORD");
     let out = run(none, b"");
     assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    // Plaintext with the right password is refused as well (its AUTH gets the TLS refusal).
+    let out = run(relay.tube(&["read", "both"]), b"");
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    round_trip(&relay, &pki.ca, "both", &[], b"after");
 }
 
 #[test]
