@@ -421,7 +421,7 @@ async fn relay(common: &Common, args: RelayArgs) -> Result<ExitCode, Error> {
         ),
         _ if common.tls_ca.is_some() => {
             return Err(Error::Io(io::Error::other(
-                "--tls-ca on the relay requires client certificates, which needs TLS: \
+                "--tls-ca makes the relay require client certificates, which needs TLS: \
                  give the relay's own --tls-cert and --tls-key too",
             )));
         }

@@ -148,6 +148,9 @@ pub(crate) fn unix_ms() -> u64 {
 /// On shutdown the relay stops accepting, lets each connection finish the reply it is
 /// writing, and returns once every connection has closed (or after a few seconds).
 ///
+/// With `opts.tls`, every client must complete a TLS handshake within [`HANDSHAKE_TIMEOUT`];
+/// one that fails it, or speaks plaintext, is dropped (logged at debug level).
+///
 /// # Errors
 /// Accept errors that are not per-connection.
 pub async fn serve(
