@@ -77,6 +77,12 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "TLS: with --tls-cert FILE --tls-key FILE (the relay's certificate chain \
+and its key, PEM) the relay accepts TLS only; clients connect with rediss://. Adding --tls-ca FILE \
+requires every client to present a certificate signed by a CA in FILE. A password \
+(TUBE_RELAY_PASSWORD or --password-file) is still checked over TLS."
+)]
 pub struct RelayArgs {
     /// Address to listen on. The default is loopback only; use 0.0.0.0:6379 to serve others.
     #[arg(long, default_value = "127.0.0.1:6379")]

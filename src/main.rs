@@ -403,6 +403,30 @@ async fn relay(common: &Common, args: RelayArgs) -> Result<ExitCode, Error> {
         (None, Err(_)) => None,
     }
     .filter(|pw| !pw.is_empty());
+    // The TLS flags are the ones every command takes; for the relay they name its own
+    // certificate and the CA of the client certificates it requires.
+    if common.tls_insecure {
+        return Err(Error::Io(io::Error::other(
+            "--tls-insecure is for clients; the relay takes --tls-cert, --tls-key and --tls-ca",
+        )));
+    }
+    let tls = match (&common.tls_cert, &common.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            tube::relay::RelayTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: common.tls_ca.clone(),
+            }
+            .server_config()?,
+        ),
+        _ if common.tls_ca.is_some() => {
+            return Err(Error::Io(io::Error::other(
+                "--tls-ca makes the relay require client certificates, which needs TLS: \
+                 give the relay's own --tls-cert and --tls-key too",
+            )));
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| {
         let hint = if e.kind() == io::ErrorKind::AddrInUse {
             format!(
@@ -429,8 +453,15 @@ async fn relay(common: &Common, args: RelayArgs) -> Result<ExitCode, Error> {
         max_memory: args
             .max_memory
             .unwrap_or_else(tube::relay::default_max_memory),
+        tls,
     };
-    tracing::info!("relay listening on {local}");
+    match (&opts.tls, &common.tls_ca) {
+        (None, _) => tracing::info!("relay listening on {local}"),
+        (Some(_), None) => tracing::info!("relay listening on {local} (TLS)"),
+        (Some(_), Some(_)) => {
+            tracing::info!("relay listening on {local} (TLS, client certificates required)")
+        }
+    }
     let (stop, _) = watch_signals()?;
     tube::relay::serve(listener, opts, async move { stop.cancelled().await }).await?;
     Ok(ExitCode::SUCCESS)

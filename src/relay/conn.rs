@@ -8,15 +8,23 @@
 //! received holds at most a small allowance unless the shared input budget grants more; a
 //! large request is read into one buffer of exactly its size, which the stored value then
 //! keeps (no copy, no slack); replies stop being produced once a soft limit is pending.
+//!
+//! The same loop serves plain TCP and TLS ([`Transport`]). Over TLS the vectored writes still
+//! gather the reply segments without joining them first, but encryption necessarily copies
+//! each byte once into rustls's record buffer; and rustls holds its own buffers per
+//! connection, idle or not.
 
 use super::cmd::{self, BlockSpec, Client, Config, Flow};
 use super::wire::{self, Out, Scan};
 use super::{Shared, unix_ms};
 use bytes::{BufMut, BytesMut};
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -36,6 +44,49 @@ const WRITE_STALL: Duration = Duration::from_secs(60);
 const READ_STALL: Duration = Duration::from_secs(60);
 /// How long a client waits for input budget before it is disconnected.
 const BUDGET_WAIT: Duration = Duration::from_secs(10);
+
+/// A client's byte stream: plain TCP, or TLS over TCP.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
+    /// Waits until a read may return something, holding no buffer meanwhile (an idle client
+    /// costs no input buffer). May wake with nothing to read.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_;
+
+    /// Reads what can be read now, without waiting: `WouldBlock` if nothing can.
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+}
+
+impl Transport for TcpStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        TcpStream::readable(self)
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    async fn readable(&self) -> io::Result<()> {
+        let (tcp, tls) = self.get_ref();
+        // Decrypted bytes (or the peer's close) may already wait inside rustls, where the
+        // socket's readiness cannot tell.
+        if !tls.wants_read() {
+            return Ok(());
+        }
+        tcp.readable().await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        // One poll of a read: reading is cancel safe, so a read that would wait is dropped
+        // having taken nothing. Whatever TLS records it decrypted stay inside rustls.
+        let mut cx = Context::from_waker(Waker::noop());
+        let read = std::pin::pin!(self.read_buf(buf));
+        match read.poll(&mut cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
 
 /// Why a connection ended, for the log.
 #[derive(Debug)]
@@ -74,9 +125,9 @@ pub(crate) async fn refuse(mut sock: TcpStream) {
     .await;
 }
 
-struct Conn {
+struct Conn<S> {
     shared: Arc<Shared>,
-    sock: TcpStream,
+    sock: S,
     client: Client,
     buf: BytesMut,
     out: Out,
@@ -87,7 +138,7 @@ struct Conn {
 }
 
 /// Serves one client until it leaves, misbehaves, or the relay stops.
-pub(crate) async fn run(shared: Arc<Shared>, sock: TcpStream, addr: SocketAddr, id: u64) {
+pub(crate) async fn run<S: Transport>(shared: Arc<Shared>, sock: S, addr: SocketAddr, id: u64) {
     tracing::debug!(id, %addr, "client connected");
     let authenticated = shared.password.is_none();
     let mut conn = Conn {
@@ -106,6 +157,11 @@ pub(crate) async fn run(shared: Arc<Shared>, sock: TcpStream, addr: SocketAddr, 
         held: 0,
     };
     let end = conn.serve().await;
+    if !matches!(end, End::Io(_) | End::WriteStalled) {
+        // Over TLS this says goodbye properly (close_notify); over TCP it sends the FIN that
+        // closing would.
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.sock.shutdown()).await;
+    }
     shared.budget.give(conn.held);
     shared.lock().clients.remove(&id);
     match &end {
@@ -116,7 +172,7 @@ pub(crate) async fn run(shared: Arc<Shared>, sock: TcpStream, addr: SocketAddr, 
     }
 }
 
-impl Conn {
+impl<S: Transport> Conn<S> {
     async fn serve(&mut self) -> End {
         loop {
             match self.run_requests().await {
@@ -252,6 +308,9 @@ impl Conn {
 
     /// Writes every pending reply, segments gathered into vectored writes.
     async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
         while !self.out.is_empty() {
             let written = {
                 let slices = self.out.slices();
@@ -264,7 +323,13 @@ impl Conn {
                 Err(_) => return Err(End::WriteStalled),
             }
         }
-        Ok(())
+        // TLS may hold encrypted records that the socket did not take yet: they must leave
+        // before the client is waited on. For TCP this does nothing.
+        match tokio::time::timeout(WRITE_STALL, self.sock.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Io(e)),
+            Err(_) => Err(End::WriteStalled),
+        }
     }
 
     /// Reads more input; `Ok(0)` at the end of the stream.

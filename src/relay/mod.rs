@@ -7,6 +7,7 @@
 //! - `cmd`: the command table and each command's semantics, as Redis 7 has them.
 //! - `db`, `stream`: the data set (strings, hashes, streams), expiry and memory accounting.
 //! - `glob`: Redis's glob patterns.
+//! - `tls`: the TLS listener's configuration ([`RelayTls`]) and its handshake.
 //!
 //! All data lives in one `State` behind a mutex: commands are short, and a single lock keeps
 //! the semantics simple (every command is atomic, as in Redis). Payloads are never copied:
@@ -22,7 +23,10 @@ mod conn;
 mod db;
 mod glob;
 mod stream;
+mod tls;
 mod wire;
+
+pub use tls::{HANDSHAKE_TIMEOUT, RelayTls};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,6 +46,9 @@ pub struct RelayOptions {
     pub password: Option<String>,
     /// Bytes of data the relay may hold; writes beyond it fail with an OOM error.
     pub max_memory: usize,
+    /// Speak TLS only, with this configuration (from [`RelayTls::server_config`]); `None`
+    /// serves plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A default memory bound: a quarter of the machine's memory, at most 1 GiB.
@@ -141,6 +148,9 @@ pub(crate) fn unix_ms() -> u64 {
 /// On shutdown the relay stops accepting, lets each connection finish the reply it is
 /// writing, and returns once every connection has closed (or after a few seconds).
 ///
+/// With `opts.tls`, every client must complete a TLS handshake within [`HANDSHAKE_TIMEOUT`];
+/// one that fails it, or speaks plaintext, is dropped (logged at debug level).
+///
 /// # Errors
 /// Accept errors that are not per-connection.
 pub async fn serve(
@@ -160,8 +170,10 @@ pub async fn serve(
         max_memory = opts.max_memory,
         input_budget = input_budget(opts.max_memory),
         auth = shared.password.is_some(),
+        tls = opts.tls.is_some(),
         "relay ready"
     );
+    let tls = opts.tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::spawn(sweep_expired(shared.clone()));
     // Each connection holds a clone; when all are dropped, every connection has finished.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -203,12 +215,26 @@ pub async fn serve(
         };
         let Some(id) = id else {
             tracing::warn!(%addr, "refusing a client: {MAX_CLIENTS} are connected");
-            tokio::spawn(conn::refuse(sock));
+            // A TLS client could not read a plaintext reason: it is just closed.
+            if tls.is_none() {
+                tokio::spawn(conn::refuse(sock));
+            }
             continue;
         };
-        let (shared, done) = (shared.clone(), done_tx.clone());
+        let (shared, done, tls) = (shared.clone(), done_tx.clone(), tls.clone());
         tokio::spawn(async move {
-            conn::run(shared, sock, addr, id).await;
+            match tls {
+                None => conn::run(shared, sock, addr, id).await,
+                // The handshake runs here, not in the accept loop, so that a slow client
+                // delays nobody else.
+                Some(acceptor) => match tls::accept(&acceptor, sock, &shared.shutdown).await {
+                    Ok(stream) => conn::run(shared, stream, addr, id).await,
+                    Err(why) => {
+                        shared.lock().clients.remove(&id);
+                        tracing::debug!(id, %addr, "client dropped: {why}");
+                    }
+                },
+            }
             drop(done);
         });
     }
