@@ -208,6 +208,14 @@ impl RelayConfig {
             Error::Auth { addr, reason }
         } else if self.tls.is_some() && is_tls_error(e) {
             Error::Tls { addr, reason }
+        } else if self.tls.is_some() && e.is_connection_dropped() {
+            // With TLS 1.3 a refused client certificate shows up only as a closed connection.
+            Error::Tls {
+                addr,
+                reason: "the relay closed the connection after the handshake (does it require \
+                         a client certificate? give --tls-cert and --tls-key)"
+                    .into(),
+            }
         } else if e.is_connection_refusal() {
             Error::Unreachable {
                 addr,

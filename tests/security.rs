@@ -92,6 +92,11 @@ fn a_required_client_certificate_is_given_with_tls_cert_and_key() {
     let ca = pki.ca.display().to_string();
     let without = run(tls_tube(&relay, &["write", "mtls", "--tls-ca", &ca]), b"x");
     assert_eq!(without.code(), Some(1), "{}", without.stderr);
+    assert!(
+        without.stderr.contains("TLS") && without.stderr.contains("--tls-cert"),
+        "the message points at the missing client certificate: {}",
+        without.stderr
+    );
     let (cert, key) = (
         pki.client_cert.display().to_string(),
         pki.client_key.display().to_string(),
