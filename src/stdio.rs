@@ -52,10 +52,85 @@ pub fn write_stdout() -> io::Result<(mpsc::Sender<Bytes>, tokio::task::JoinHandl
     let mut output = File::from(io::stdout().as_fd().try_clone_to_owned()?);
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let handle = tokio::task::spawn_blocking(move || {
+        let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
         while let Some(piece) = rx.blocking_recv() {
-            output.write_all(&piece)?;
+            // Whatever else is already queued goes out in the same system call.
+            batch.push(piece);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            write_all_vectored(&mut output, &batch)?;
+            batch.clear();
         }
         output.flush()
     });
     Ok((tx, handle))
+}
+
+/// Pieces written with one vectored write at most.
+const MAX_BATCH: usize = 16;
+
+/// Writes every byte of `pieces`, in order, with as few system calls as the kernel allows.
+fn write_all_vectored(out: &mut impl Write, pieces: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = pieces.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match out.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `step` bytes per call, like a full pipe.
+    struct Trickle {
+        got: Vec<u8>,
+        step: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.step);
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            let mut left = self.step;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.got.extend_from_slice(&b[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            Ok(self.step - left)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn vectored_writes_keep_every_byte_in_order_across_short_writes() {
+        let pieces: Vec<Bytes> = (0..10u8).map(|i| Bytes::from(vec![i; 100 + usize::from(i)])).collect();
+        let want: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        for step in [1, 7, 99, 100, 101, 4096] {
+            let mut out = Trickle { got: Vec::new(), step };
+            write_all_vectored(&mut out, &pieces).unwrap();
+            assert_eq!(out.got, want, "step {step}");
+        }
+    }
 }
