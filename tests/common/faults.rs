@@ -119,7 +119,21 @@ impl Shared {
         guard
     }
 
-    /// Blocks while a stall is in force. Returns false once the proxy stops or `cut` is set.
+    /// Waits until `until` or the next change of the faults, whichever comes first.
+    fn wait_for_change<'a>(
+        &'a self,
+        guard: MutexGuard<'a, Faults>,
+        until: Instant,
+    ) -> MutexGuard<'a, Faults> {
+        let left = until.saturating_duration_since(Instant::now());
+        self.changed
+            .wait_timeout(guard, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    /// Blocks while a stall is in force (re-checking whenever the faults change, so that
+    /// `resume` takes effect at once). Returns false once the proxy stops or `cut` is set.
     fn pass_stall(&self, cut: &AtomicBool) -> bool {
         let mut guard = self.faults();
         loop {
@@ -127,7 +141,9 @@ impl Shared {
                 return false;
             }
             match guard.stall_until {
-                Some(until) if until > Instant::now() => guard = self.wait_until(guard, until),
+                Some(until) if until > Instant::now() => {
+                    guard = self.wait_for_change(guard, until);
+                }
                 _ => return true,
             }
         }
@@ -298,7 +314,7 @@ fn accept_loop(listener: TcpListener, port: u16, shared: &Arc<Shared>) {
             // Closing the listener makes the kernel refuse connections outright.
             listener = None;
             let until = guard.refuse_until.expect("refusing");
-            drop(shared.wait_until(guard, until));
+            drop(shared.wait_for_change(guard, until));
             continue;
         }
         if listener.is_none() {
