@@ -183,6 +183,16 @@ impl RelayConfig {
         let ping = redis::cmd("PING");
         match tokio::time::timeout(CONNECT_TIMEOUT, conn.inner.send_packed_command(&ping)).await {
             Ok(Ok(Value::SimpleString(s))) if s == "PONG" => {}
+            // A relay that wants a password and got none says so in its answer to PING.
+            Ok(Ok(Value::ServerError(e))) if matches!(e.code(), "NOAUTH" | "NOPERM") => {
+                return Err(Error::Auth {
+                    addr: self.addr.to_string(),
+                    reason: format!(
+                        "{} (give the password in TUBE_PASSWORD, --password-file or the URL)",
+                        e.details().unwrap_or(e.code()).trim_end_matches('.')
+                    ),
+                });
+            }
             Ok(Ok(other)) => {
                 return Err(Error::NotRedis {
                     addr: self.addr.to_string(),

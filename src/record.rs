@@ -10,6 +10,9 @@ use std::fmt;
 
 /// Protocol version written in every record header.
 pub const VERSION: u8 = 1;
+/// Highest first byte read as a newer protocol version rather than as something that is not
+/// a record (so that garbage is not reported as "upgrade tube").
+const MAX_PLAUSIBLE_VERSION: u8 = 15;
 /// Bytes of the fixed record header.
 pub const HEADER_LEN: usize = 20;
 /// Name of the single field of each stream entry.
@@ -284,15 +287,22 @@ fn be_u64(b: &[u8]) -> u64 {
 
 /// Decodes one record. Never panics, whatever the input.
 pub fn decode(raw: Bytes) -> Result<Record, DecodeError> {
-    if raw.len() < HEADER_LEN {
-        return Err(if raw.first().is_some_and(|v| *v > VERSION) {
-            DecodeError::Version(raw[0])
+    // A first byte far beyond this version is no version at all: text, or some other format.
+    let unknown_version = |v: u8| {
+        if v > VERSION && v <= MAX_PLAUSIBLE_VERSION {
+            DecodeError::Version(v)
         } else {
-            DecodeError::Truncated
+            DecodeError::Malformed("it is not a tube record")
+        }
+    };
+    if raw.len() < HEADER_LEN {
+        return Err(match raw.first() {
+            Some(&v) if v != VERSION => unknown_version(v),
+            _ => DecodeError::Truncated,
         });
     }
     if raw[0] != VERSION {
-        return Err(DecodeError::Version(raw[0]));
+        return Err(unknown_version(raw[0]));
     }
     let flags = raw[2];
     let known_flags = match raw[1] {
@@ -423,6 +433,25 @@ mod tests {
         let mut r = encode_data(1, 1, 0, false, b"x").to_vec();
         r[0] = 2;
         assert_eq!(decode(r.into()), Err(DecodeError::Version(2)));
+    }
+
+    #[test]
+    fn garbage_is_not_mistaken_for_a_newer_version() {
+        let not_tube = Err(DecodeError::Malformed("it is not a tube record"));
+        assert_eq!(
+            decode(Bytes::from_static(b"this is text, not a record")),
+            not_tube
+        );
+        assert_eq!(decode(Bytes::from_static(b"text")), not_tube);
+        assert_eq!(decode(Bytes::from_static(&[0; 32])), not_tube);
+        assert_eq!(
+            decode(Bytes::from_static(&[1, 2])),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            decode(Bytes::from_static(&[3, 2])),
+            Err(DecodeError::Version(3))
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use crate::channel::Channel;
 use crate::client::Conn;
 use crate::error::{Error, Result};
+use crate::record;
 
 /// Protocol version stored in the channel's meta hash.
 pub(crate) const META_PROTO: &str = "1";
@@ -77,6 +78,14 @@ pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelStat
             }
         }
     }
+    if ts == "stream" && tm == "none" && !last_entry_is_tube_record(conn, &stream).await? {
+        // No meta hash: the stream may be someone else's. (tube's own stream outlives a
+        // lost meta hash; its newest entry then is a tube record.)
+        return Err(Error::ForeignKey {
+            key: stream,
+            kind: "stream whose entries are not tube records".into(),
+        });
+    }
     if lease.as_deref().is_some_and(|v| !is_lease_value(v)) {
         return Err(Error::ForeignKey {
             key: writer,
@@ -94,4 +103,39 @@ pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelStat
         latest_session,
         lease,
     })
+}
+
+/// Whether the newest entry of `stream` looks like tube's: one field `r` holding a record
+/// whose header names the entry's own ID. An empty stream passes.
+async fn last_entry_is_tube_record(conn: &mut Conn, stream: &str) -> Result<bool> {
+    use redis::Value;
+    let newest: Value = conn
+        .query(
+            redis::cmd("XREVRANGE")
+                .arg(stream)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await?;
+    let Value::Array(entries) = newest else {
+        return Ok(false);
+    };
+    let Some(Value::Array(entry)) = entries.first() else {
+        return Ok(entries.is_empty());
+    };
+    let (Some(Value::BulkString(id)), Some(Value::Array(fields))) = (entry.first(), entry.get(1))
+    else {
+        return Ok(false);
+    };
+    let (Some((session, seq)), [Value::BulkString(field), Value::BulkString(value)]) =
+        (record::parse_entry_id(id), fields.as_slice())
+    else {
+        return Ok(false);
+    };
+    Ok(field.as_slice() == record::FIELD.as_bytes()
+        && value.len() >= record::HEADER_LEN
+        && value[4..12] == session.to_be_bytes()
+        && value[12..20] == seq.to_be_bytes())
 }

@@ -15,6 +15,13 @@ use tokio::sync::mpsc;
 /// soon as it returns, then closes at end of input.
 pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>> {
     let mut input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    // Found before the session starts, so that the channel's latest session is not replaced.
+    if input.metadata()?.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            "stdin is a directory",
+        ));
+    }
     let (tx, rx) = mpsc::channel(4);
     std::thread::Builder::new()
         .name("stdin".into())

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod faults;
 
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
