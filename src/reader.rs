@@ -243,6 +243,7 @@ impl Reader {
             depth: 1,
             behind: false,
             far,
+            read_ahead_used: false,
             batch_bytes: opts.batch_bytes.max(1),
             secret: opts.secret,
             shared: shared.clone(),
@@ -440,6 +441,8 @@ struct Fetcher {
     behind: bool,
     /// Whether the relay is far enough (a round trip of 2 ms or more) for read-ahead to pay.
     far: bool,
+    /// Whether read-ahead was used yet (it is logged once).
+    read_ahead_used: bool,
     batch_bytes: usize,
     secret: Option<Secret>,
     shared: Arc<Shared>,
@@ -522,6 +525,14 @@ impl Fetcher {
                 .arg(self.channel.stream_key())
                 .arg(record::entry_id(s, first))
                 .arg(record::entry_id(s, first.saturating_add(c - 1)));
+        }
+        if !self.read_ahead_used {
+            self.read_ahead_used = true;
+            tracing::debug!(
+                "behind a distant relay: reading ahead {} batches of {} records",
+                self.depth,
+                self.count
+            );
         }
         let replies: Vec<Value> = self.conn.pipe_unbounded(&pipe, COMMAND_TIMEOUT).await?;
         self.reported = position;

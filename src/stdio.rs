@@ -132,10 +132,15 @@ mod tests {
 
     #[test]
     fn vectored_writes_keep_every_byte_in_order_across_short_writes() {
-        let pieces: Vec<Bytes> = (0..10u8).map(|i| Bytes::from(vec![i; 100 + usize::from(i)])).collect();
+        let pieces: Vec<Bytes> = (0..10u8)
+            .map(|i| Bytes::from(vec![i; 100 + usize::from(i)]))
+            .collect();
         let want: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
         for step in [1, 7, 99, 100, 101, 4096] {
-            let mut out = Trickle { got: Vec::new(), step };
+            let mut out = Trickle {
+                got: Vec::new(),
+                step,
+            };
             write_all_vectored(&mut out, &pieces).unwrap();
             assert_eq!(out.got, want, "step {step}");
         }

@@ -325,6 +325,27 @@ fn a_relay_that_is_down_is_a_dropped_connection() {
 }
 
 relay_tests! {
+    fn a_relay_100_ms_away_each_way_still_gets_every_byte_in_order(kind) {
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        proxy.set_latency(Duration::from_millis(100));
+        let data = random_bytes(12 << 20, 18);
+        let mut w = relay.tube(&["write", "far"]);
+        w.env("TUBE_URL", proxy.url());
+        let mut w = Proc::spawn(w);
+        w.stdin().write_all(&data).unwrap();
+        let w = w.wait(Duration::from_secs(120));
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        // The reader starts behind: it catches up by reading ahead several batches per round
+        // trip (the path only a distant relay takes).
+        let mut r = relay.tube(&["read", "far", "-vv"]);
+        r.env("TUBE_URL", proxy.url());
+        let r = Proc::spawn(r).wait(Duration::from_secs(120));
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        assert!(r.stdout == data, "not byte-exact");
+        assert!(r.stderr.contains("reading ahead"), "read-ahead was not used: {}", r.stderr);
+    }
+
     fn tube_moves_data_byte_exact_through_a_slow_proxy(kind) {
         let relay = TestRelay::start(kind);
         let proxy = FaultProxy::start(relay.port);
