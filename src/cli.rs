@@ -25,8 +25,9 @@ pub struct Cli {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Relay connection and output")]
 pub struct Common {
-    /// Relay URL: redis://[user[:password]@]host[:port][/db] or unix:///path/to/socket.
-    /// A password is better given in TUBE_PASSWORD than on the command line.
+    /// Relay URL: redis://[user[:password]@]host[:port][/db], rediss://… for TLS, or
+    /// unix:///path/to/socket. A password is better given in TUBE_PASSWORD or
+    /// --password-file than on the command line.
     #[arg(long, global = true, env = "TUBE_URL", default_value = tube::DEFAULT_URL, hide_env_values = true)]
     pub url: String,
     /// File whose first line is the relay password (instead of TUBE_PASSWORD or the URL).
@@ -70,9 +71,11 @@ pub enum Command {
     Ls(LsArgs),
     /// Show one channel in detail, with its readers and their lag.
     Stat(StatArgs),
-    /// Run a relay: a server that speaks the Redis protocol for the commands tube uses,
-    /// keeping data in memory. For when there is no Redis at hand. Clients must give the
-    /// password from --password-file or TUBE_RELAY_PASSWORD, if one is set.
+    /// Run a relay, for when there is no Redis at hand.
+    ///
+    /// A server that speaks the Redis protocol for the commands tube uses, keeping data in
+    /// memory. Clients must give the password from --password-file or TUBE_RELAY_PASSWORD, if
+    /// one is set.
     Relay(RelayArgs),
 }
 
