@@ -155,14 +155,6 @@ fn snapshot(admin: &mut redis::Connection, pattern: &str) -> Vec<(String, String
         .collect()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 // ---------------------------------------------------------------------------------------
 // Where the relay is: URLs, ports, names, services that are not Redis.
 // ---------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@
 mod common;
 
 use common::certs::Pki;
-use common::{Output, Proc, RelayKind, RelaySpec, TestRelay, random_bytes, sha256, tube_bin};
+use common::{
+    Output, Proc, RelayKind, RelaySpec, TestRelay, assert_tls_failure, random_bytes, run_fed,
+    sha256, tube_bin,
+};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -50,43 +53,18 @@ fn tls_tube(relay: &TestRelay, ca: &Path, args: &[&str]) -> Command {
     relay.tube(&all)
 }
 
-fn run(cmd: Command, input: &[u8]) -> Output {
-    let mut proc = Proc::spawn(cmd);
-    let mut stdin = proc.child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = proc.wait(Duration::from_secs(60));
-    feeder.join().unwrap();
-    out
-}
-
 /// Writes `data` into `channel` and reads it back, both over TLS.
 fn round_trip(relay: &TestRelay, ca: &Path, channel: &str, extra: &[&str], data: &[u8]) {
     let mut args = vec!["write", channel];
     args.extend_from_slice(extra);
-    let w = run(tls_tube(relay, ca, &args), data);
+    let w = run_fed(tls_tube(relay, ca, &args), data);
     assert_eq!(w.code(), Some(0), "writer: {}", w.stderr);
     args[0] = "read";
-    let r = run(tls_tube(relay, ca, &args), b"");
+    let r = run_fed(tls_tube(relay, ca, &args), b"");
     assert_eq!(r.code(), Some(0), "reader: {}", r.stderr);
     assert_eq!(r.stdout.len(), data.len());
     assert_eq!(sha256(&r.stdout), sha256(data), "the bytes differ");
 }
-
-/// Asserts a client failed with one line about TLS and exit status 1.
-fn assert_tls_failure(out: &Output) {
-    assert_eq!(out.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr
-            .starts_with("tube: TLS with the relay at 127.0.0.1:"),
-        "{}",
-        out.stderr
-    );
-    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
-}
-
 #[test]
 fn tube_write_and_read_round_trip_byte_exact_over_tls() {
     let pki = Pki::new();
@@ -96,7 +74,7 @@ fn tube_write_and_read_round_trip_byte_exact_over_tls() {
     round_trip(&relay, &pki.ca, "tiny", &[], b"x");
     // The certificate's host name is verified as well as its address.
     let url = format!("rediss://localhost:{}", relay.port);
-    let r = run(
+    let r = run_fed(
         relay.tube(&["read", "tiny", "--url", &url, "--tls-ca", &p(&pki.ca)]),
         b"",
     );
@@ -134,7 +112,7 @@ fn a_client_trusting_another_ca_fails_with_a_tls_error() {
     let pki = Pki::new();
     let other = Pki::new();
     let relay = tube_tls(&pki, false, None);
-    assert_tls_failure(&run(tls_tube(&relay, &other.ca, &["read", "x"]), b""));
+    assert_tls_failure(&run_fed(tls_tube(&relay, &other.ca, &["read", "x"]), b""));
     // The relay keeps serving clients that trust it.
     round_trip(&relay, &pki.ca, "after", &[], b"still here");
 }
@@ -146,12 +124,12 @@ fn with_tls_ca_the_relay_requires_a_client_certificate_from_that_ca() {
     let relay = tube_tls(&pki, true, None);
     // With TLS 1.3 the client learns of the refusal only after its side of the handshake,
     // as a closed connection (as with redis-server): the failure is one line and status 1.
-    let without = run(tls_tube(&relay, &pki.ca, &["write", "mtls"]), b"x");
+    let without = run_fed(tls_tube(&relay, &pki.ca, &["write", "mtls"]), b"x");
     assert_eq!(without.code(), Some(1), "{}", without.stderr);
     assert_eq!(without.stderr.lines().count(), 1, "{}", without.stderr);
     // A certificate from a CA the relay does not know is refused too.
     let (cert, key) = (p(&other.client_cert), p(&other.client_key));
-    let foreign = run(
+    let foreign = run_fed(
         tls_tube(
             &relay,
             &pki.ca,
@@ -177,7 +155,7 @@ fn tls_and_a_password_work_together_and_a_wrong_password_is_refused() {
     round_trip(&relay, &pki.ca, "both", &[], &random_bytes(100_000, 72));
     let mut wrong = tls_tube(&relay, &pki.ca, &["read", "both"]);
     wrong.env("TUBE_PASSWORD", "not it");
-    let out = run(wrong, b"");
+    let out = run_fed(wrong, b"");
     assert_eq!(out.code(), Some(1), "{}", out.stderr);
     assert!(
         out.stderr.contains("refused the credentials"),
@@ -187,10 +165,10 @@ fn tls_and_a_password_work_together_and_a_wrong_password_is_refused() {
     assert!(!out.stderr.contains("not it"), "{}", out.stderr);
     let mut none = tls_tube(&relay, &pki.ca, &["read", "both"]);
     none.env_remove("TUBE_PASSWORD");
-    let out = run(none, b"");
+    let out = run_fed(none, b"");
     assert_eq!(out.code(), Some(1), "{}", out.stderr);
     // Plaintext with the right password is refused as well (its AUTH gets the TLS refusal).
-    let out = run(relay.tube(&["read", "both"]), b"");
+    let out = run_fed(relay.tube(&["read", "both"]), b"");
     assert_eq!(out.code(), Some(1), "{}", out.stderr);
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     round_trip(&relay, &pki.ca, "both", &[], b"after");
@@ -202,7 +180,7 @@ fn plaintext_to_the_tls_port_fails_clearly_and_the_relay_keeps_serving() {
     let relay = tube_tls(&pki, false, None);
     for _ in 0..2 {
         // TUBE_URL is redis:// here.
-        let out = run(relay.tube(&["read", "plain"]), b"");
+        let out = run_fed(relay.tube(&["read", "plain"]), b"");
         assert_eq!(out.code(), Some(1), "{}", out.stderr);
         assert!(out.stderr.contains("rediss://"), "{}", out.stderr);
         assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);

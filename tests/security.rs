@@ -5,9 +5,7 @@ mod common;
 
 use common::certs::Pki;
 use common::*;
-use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
 
 fn redis_tls(pki: &Pki, require_client_cert: bool) -> TestRelay {
     let p = |p: &Path| p.display().to_string();
@@ -38,27 +36,15 @@ fn tls_tube(relay: &TestRelay, args: &[&str]) -> std::process::Command {
     relay.tube(&all)
 }
 
-fn run(cmd: std::process::Command, input: &[u8]) -> Output {
-    let mut p = Proc::spawn(cmd);
-    let mut stdin = p.child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = p.wait(Duration::from_secs(60));
-    feeder.join().unwrap();
-    out
-}
-
 #[test]
 fn tls_with_a_trusted_ca_round_trips() {
     let pki = Pki::new();
     let relay = redis_tls(&pki, false);
     let ca = pki.ca.display().to_string();
     let data = random_bytes(2 << 20, 61);
-    let w = run(tls_tube(&relay, &["write", "tls", "--tls-ca", &ca]), &data);
+    let w = run_fed(tls_tube(&relay, &["write", "tls", "--tls-ca", &ca]), &data);
     assert_eq!(w.code(), Some(0), "{}", w.stderr);
-    let r = run(tls_tube(&relay, &["read", "tls", "--tls-ca", &ca]), b"");
+    let r = run_fed(tls_tube(&relay, &["read", "tls", "--tls-ca", &ca]), b"");
     assert_eq!(r.code(), Some(0), "{}", r.stderr);
     assert_eq!(sha256(&r.stdout), sha256(&data));
 }
@@ -73,15 +59,7 @@ fn tls_with_an_untrusted_certificate_fails_clearly() {
         // The system roots do not know the test CA either.
         vec!["read", "x"],
     ] {
-        let out = run(tls_tube(&relay, &args), b"");
-        assert_eq!(out.code(), Some(1), "{}", out.stderr);
-        assert!(
-            out.stderr
-                .starts_with("tube: TLS with the relay at 127.0.0.1:"),
-            "{}",
-            out.stderr
-        );
-        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        assert_tls_failure(&run_fed(tls_tube(&relay, &args), b""));
     }
 }
 
@@ -90,7 +68,7 @@ fn a_required_client_certificate_is_given_with_tls_cert_and_key() {
     let pki = Pki::new();
     let relay = redis_tls(&pki, true);
     let ca = pki.ca.display().to_string();
-    let without = run(tls_tube(&relay, &["write", "mtls", "--tls-ca", &ca]), b"x");
+    let without = run_fed(tls_tube(&relay, &["write", "mtls", "--tls-ca", &ca]), b"x");
     assert_eq!(without.code(), Some(1), "{}", without.stderr);
     assert!(
         without.stderr.contains("TLS") && without.stderr.contains("--tls-cert"),
@@ -101,7 +79,7 @@ fn a_required_client_certificate_is_given_with_tls_cert_and_key() {
         pki.client_cert.display().to_string(),
         pki.client_key.display().to_string(),
     );
-    let with = run(
+    let with = run_fed(
         tls_tube(
             &relay,
             &[
@@ -118,7 +96,7 @@ fn a_required_client_certificate_is_given_with_tls_cert_and_key() {
         b"client certified",
     );
     assert_eq!(with.code(), Some(0), "{}", with.stderr);
-    let r = run(
+    let r = run_fed(
         tls_tube(
             &relay,
             &[
@@ -142,7 +120,7 @@ fn tls_insecure_works_and_warns_every_time() {
     let pki = Pki::new();
     let relay = redis_tls(&pki, false);
     for _ in 0..2 {
-        let out = run(tls_tube(&relay, &["write", "lax", "--tls-insecure"]), b"x");
+        let out = run_fed(tls_tube(&relay, &["write", "lax", "--tls-insecure"]), b"x");
         assert_eq!(out.code(), Some(0), "{}", out.stderr);
         assert!(
             out.stderr.contains("--tls-insecure") && out.stderr.contains("not verified"),
@@ -151,7 +129,7 @@ fn tls_insecure_works_and_warns_every_time() {
         );
     }
     // TLS options on a plain URL are a mistake worth saying.
-    let plain = run(relay.tube(&["read", "lax", "--tls-insecure"]), b"");
+    let plain = run_fed(relay.tube(&["read", "lax", "--tls-insecure"]), b"");
     assert_eq!(plain.code(), Some(1));
     assert!(plain.stderr.contains("rediss://"), "{}", plain.stderr);
 }
@@ -178,18 +156,18 @@ fn acl_users_log_in_with_a_password_file_and_stay_in_their_prefix() {
     std::fs::write(&pw, "alice-pass-77\n").unwrap();
     let url = format!("redis://alice@127.0.0.1:{}", relay.port);
     let pw_arg = pw.display().to_string();
-    let w = run(
+    let w = run_fed(
         relay.tube(&["write", "acl", "--url", &url, "--password-file", &pw_arg]),
         b"as alice",
     );
     assert_eq!(w.code(), Some(0), "{}", w.stderr);
-    let r = run(
+    let r = run_fed(
         relay.tube(&["read", "acl", "--url", &url, "--password-file", &pw_arg]),
         b"",
     );
     assert_eq!(r.stdout, b"as alice");
     // Outside the prefix the ACL refuses, and tube says so in one line.
-    let out = run(
+    let out = run_fed(
         relay.tube(&[
             "write",
             "acl",
@@ -210,7 +188,7 @@ fn acl_users_log_in_with_a_password_file_and_stay_in_their_prefix() {
     );
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     std::fs::write(&pw, "not-alices\n").unwrap();
-    let bad = run(
+    let bad = run_fed(
         relay.tube(&["read", "acl", "--url", &url, "--password-file", &pw_arg]),
         b"",
     );
@@ -242,12 +220,12 @@ fn passwords_appear_in_no_output_even_at_trace_level() {
         vec!["ls", "--json", "-vvv"],
     ] {
         // Once from TUBE_PASSWORD, once from the URL.
-        outputs.push(run(relay.tube(&args), b"payload"));
+        outputs.push(run_fed(relay.tube(&args), b"payload"));
         let mut with_url = args.clone();
         with_url.extend(["--url", &url]);
         let mut c = relay.tube(&with_url);
         c.env_remove("TUBE_PASSWORD");
-        outputs.push(run(c, b""));
+        outputs.push(run_fed(c, b""));
     }
     // And failures: a wrong password and an unreachable relay, with the password in the URL.
     for url in [
@@ -256,7 +234,7 @@ fn passwords_appear_in_no_output_even_at_trace_level() {
     ] {
         let mut c = relay.tube(&["read", "red", "--url", &url]);
         c.env_remove("TUBE_PASSWORD");
-        outputs.push(run(c, b""));
+        outputs.push(run_fed(c, b""));
     }
     assert!(
         outputs
@@ -317,7 +295,7 @@ fn rewrite(
 }
 
 fn sealed_session(relay: &TestRelay, channel: &str, key: &str, data: &[u8]) {
-    let w = run(
+    let w = run_fed(
         relay.tube(&["write", channel, "--key-file", key, "--chunk-size", "4k"]),
         data,
     );
@@ -333,7 +311,7 @@ relay_tests! {
         for extra in [&[][..], &["--compress", "zstd"][..]] {
             let mut args = vec!["write", "sealed", "--key-file", &key];
             args.extend_from_slice(extra);
-            assert_eq!(run(relay.tube(&args), &text).code(), Some(0));
+            assert_eq!(run_fed(relay.tube(&args), &text).code(), Some(0));
             let stored: Vec<u8> = {
                 let mut admin = relay.admin();
                 let entries: Vec<Entry> = redis::cmd("XRANGE").arg("tube:{sealed}:stream").arg("-").arg("+").query(&mut admin).unwrap();
@@ -342,20 +320,20 @@ relay_tests! {
             for window in text.chunks_exact(12) {
                 assert!(!stored.windows(window.len()).any(|w| w == window), "plaintext {:?} is on the relay", String::from_utf8_lossy(window));
             }
-            let r = run(relay.tube(&["read", "sealed", "--key-file", &key]), b"");
+            let r = run_fed(relay.tube(&["read", "sealed", "--key-file", &key]), b"");
             assert_eq!(r.code(), Some(0), "{}", r.stderr);
             assert_eq!(r.stdout, text);
         }
         // A passphrase works the same way, from the environment.
         let mut w = relay.tube(&["write", "phrase"]);
         w.env("TUBE_PASSPHRASE", "correct horse battery");
-        assert_eq!(run(w, b"by passphrase").code(), Some(0));
+        assert_eq!(run_fed(w, b"by passphrase").code(), Some(0));
         let mut r = relay.tube(&["read", "phrase"]);
         r.env("TUBE_PASSPHRASE", "correct horse battery");
-        assert_eq!(run(r, b"").stdout, b"by passphrase");
+        assert_eq!(run_fed(r, b"").stdout, b"by passphrase");
         let mut r = relay.tube(&["read", "phrase"]);
         r.env("TUBE_PASSPHRASE", "wrong horse");
-        let wrong = run(r, b"");
+        let wrong = run_fed(r, b"");
         assert_eq!(wrong.code(), Some(1));
         assert!(wrong.stdout.is_empty());
     }
@@ -365,17 +343,17 @@ relay_tests! {
         let dir = tempfile::tempdir().unwrap();
         let (key, other) = (key_file(dir.path(), "k"), key_file(dir.path(), "other"));
         sealed_session(&relay, "locked", &key, b"private");
-        let wrong = run(relay.tube(&["read", "locked", "--key-file", &other]), b"");
+        let wrong = run_fed(relay.tube(&["read", "locked", "--key-file", &other]), b"");
         assert_eq!(wrong.code(), Some(1));
         assert!(wrong.stderr.contains("wrong key for channel locked"), "{}", wrong.stderr);
         assert!(wrong.stdout.is_empty());
-        let none = run(relay.tube(&["read", "locked"]), b"");
+        let none = run_fed(relay.tube(&["read", "locked"]), b"");
         assert_eq!(none.code(), Some(1));
         assert!(none.stderr.contains("is encrypted"), "{}", none.stderr);
         assert!(none.stdout.is_empty());
         // A reader with a key refuses a session that is not sealed: the relay could forge it.
-        assert_eq!(run(relay.tube(&["write", "open"]), b"forged?").code(), Some(0));
-        let forged = run(relay.tube(&["read", "open", "--key-file", &key]), b"");
+        assert_eq!(run_fed(relay.tube(&["write", "open"]), b"forged?").code(), Some(0));
+        let forged = run_fed(relay.tube(&["read", "open", "--key-file", &key]), b"");
         assert_eq!(forged.code(), Some(1));
         assert!(forged.stderr.contains("not encrypted"), "{}", forged.stderr);
         assert!(forged.stdout.is_empty());
@@ -407,7 +385,7 @@ relay_tests! {
             let channel = format!("t{i}");
             sealed_session(&relay, &channel, &key, &data);
             rewrite(&relay, &channel, edit);
-            let r = run(relay.tube(&["read", &channel, "--key-file", &key]), b"");
+            let r = run_fed(relay.tube(&["read", &channel, "--key-file", &key]), b"");
             assert_eq!(r.code(), Some(status), "{name}: {}", r.stderr);
             assert!(data.starts_with(&r.stdout), "{name}: only authentic bytes are written out");
             assert!(r.stdout.len() < data.len(), "{name}: the stream is not passed off as complete");

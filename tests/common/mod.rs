@@ -71,7 +71,7 @@ fn serves(port: u16, pid: u32, password: Option<&str>, tls: bool) -> bool {
     })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind a free port")
@@ -376,19 +376,37 @@ fn unsafe_kill(pid: i32, sig: i32) -> i32 {
     unsafe { libc::kill(pid, sig) }
 }
 
+/// Runs `cmd` to completion with `input` on its stdin (fed from a thread, so a process
+/// that writes while it reads cannot deadlock).
+pub fn run_fed(cmd: Command, input: &[u8]) -> Output {
+    let mut p = Proc::spawn(cmd);
+    let mut stdin = p.child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = p.wait(Duration::from_secs(120));
+    feeder.join().unwrap();
+    out
+}
+
 /// Runs `tube write CHANNEL` with `data` on stdin to completion.
 pub fn write_all(relay: &TestRelay, channel: &str, data: &[u8], extra: &[&str]) -> Output {
     let mut args = vec!["write", channel];
     args.extend_from_slice(extra);
-    let mut w = Proc::spawn(relay.tube(&args));
-    let mut stdin = w.child.stdin.take().unwrap();
-    let data = data.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&data);
-    });
-    let out = w.wait(Duration::from_secs(120));
-    feeder.join().unwrap();
-    out
+    run_fed(relay.tube(&args), data)
+}
+
+/// Asserts a client failed with one line about TLS and exit status 1.
+pub fn assert_tls_failure(out: &Output) {
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with("tube: TLS with the relay at 127.0.0.1:"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
 }
 
 /// Runs `tube read CHANNEL` to completion.
@@ -490,8 +508,8 @@ impl Proc {
 /// A stream entry as the admin connection returns it: ID and field-value pairs.
 pub type Entry = (String, Vec<(String, Vec<u8>)>);
 
-/// Payload bytes of the data records the relay holds for a channel (unsealed ones).
-pub fn stored_payload(admin: &mut redis::Connection, channel: &str) -> u64 {
+/// The record values (`r` fields) the relay holds for a channel, oldest first.
+pub fn record_values(admin: &mut redis::Connection, channel: &str) -> Vec<Vec<u8>> {
     let entries: Vec<Entry> = redis::cmd("XRANGE")
         .arg(format!("tube:{{{channel}}}:stream"))
         .arg("-")
@@ -499,24 +517,25 @@ pub fn stored_payload(admin: &mut redis::Connection, channel: &str) -> u64 {
         .query(admin)
         .unwrap_or_default();
     entries
+        .into_iter()
+        .flat_map(|(_, f)| f.into_iter().map(|(_, v)| v))
+        .collect()
+}
+
+/// Payload bytes of the data records the relay holds for a channel (unsealed ones).
+pub fn stored_payload(admin: &mut redis::Connection, channel: &str) -> u64 {
+    record_values(admin, channel)
         .iter()
-        .flat_map(|(_, f)| f.iter())
-        .filter(|(_, v)| v.get(1) == Some(&2))
-        .map(|(_, v)| v.len().saturating_sub(28) as u64)
+        .filter(|v| v.get(1) == Some(&2))
+        .map(|v| v.len().saturating_sub(28) as u64)
         .sum()
 }
 
 /// Bytes of every record the relay holds for a channel (the sum of the `r` values).
 pub fn held_bytes(admin: &mut redis::Connection, channel: &str) -> u64 {
-    let entries: Vec<Entry> = redis::cmd("XRANGE")
-        .arg(format!("tube:{{{channel}}}:stream"))
-        .arg("-")
-        .arg("+")
-        .query(admin)
-        .unwrap_or_default();
-    entries
+    record_values(admin, channel)
         .iter()
-        .flat_map(|(_, f)| f.iter().map(|(_, v)| v.len() as u64))
+        .map(|v| v.len() as u64)
         .sum()
 }
 
