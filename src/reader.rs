@@ -235,6 +235,7 @@ impl Reader {
             channel: channel.clone(),
             follow: opts.follow,
             join_mid_session,
+            awaiting: (latest > 0 && opts.from != StartAt::Now).then_some(latest),
             tx,
             last_id: record::entry_id(last.0, last.1),
             reported: Some(position),
@@ -428,6 +429,9 @@ struct Fetcher {
     follow: bool,
     /// The first session may be joined in the middle (`--from oldest` / `--from now`).
     join_mid_session: bool,
+    /// The session the reader starts in, until one of its records arrives: the relay counts
+    /// it, so its records should be there.
+    awaiting: Option<u64>,
     tx: mpsc::Sender<Result<Event>>,
     /// Stream ID of the last entry handled: the next read starts after it.
     last_id: String,
@@ -469,6 +473,9 @@ impl Fetcher {
             // A full batch means more is probably waiting.
             self.behind = entries.len() >= self.count;
             if entries.is_empty() {
+                if self.session.is_none() && self.session_lost().await? {
+                    continue;
+                }
                 if self.writer_gone().await? {
                     // The end record may have landed just before the lease was released.
                     let late = self.read(None).await?;
@@ -626,6 +633,33 @@ impl Fetcher {
         Ok(())
     }
 
+    /// When the reader waits for a session the relay says exists (its meta hash counts it)
+    /// but holds no record of it and no writer holds the channel, the records were deleted or
+    /// the relay lost them: say so instead of waiting forever. In follow mode the reader then
+    /// waits for the next session. Returns whether the loss was reported and waiting goes on.
+    async fn session_lost(&mut self) -> Result<bool> {
+        let Some(s) = self.awaiting else {
+            return Ok(false);
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.channel.stream_key())
+            .arg(record::entry_id(s, 0))
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        pipe.cmd("EXISTS").arg(self.channel.writer_key());
+        let (first, writer): (Vec<(String, Value)>, u64) = self.conn.pipe(&pipe).await?;
+        if !first.is_empty() || writer > 0 {
+            return Ok(false);
+        }
+        self.awaiting = None;
+        self.session_failed(self.corrupt(format!(
+            "session {s} is no longer on the relay: its records were deleted, or the relay lost them"
+        )))?;
+        Ok(true)
+    }
+
     /// Whether the writer of the session being read no longer holds the lease.
     async fn writer_gone(&mut self) -> Result<bool> {
         let Some(session) = &self.session else {
@@ -695,6 +729,7 @@ impl Fetcher {
             )));
         }
         self.last_id = id;
+        self.awaiting = None;
         let step =
             match rec.body {
                 Body::Begin(begin) => {

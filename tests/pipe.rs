@@ -250,6 +250,17 @@ relay_tests! {
         assert_eq!(r.stdout, &data[..prefix], "everything before the gap is written out");
     }
 
+    fn a_session_whose_records_were_deleted_is_reported_not_awaited(kind) {
+        let relay = TestRelay::start(kind);
+        assert_eq!(write_all(&relay, "gone", b"soon lost", &[]).code(), Some(0));
+        let mut admin = relay.admin();
+        let _: () = redis::cmd("DEL").arg("tube:{gone}:stream").query(&mut admin).unwrap();
+        let r = read_all(&relay, "gone", &[]);
+        assert_eq!(r.code(), Some(5), "{}", r.stderr);
+        assert!(r.stderr.contains("session 1 is no longer on the relay"), "{}", r.stderr);
+        assert!(r.stdout.is_empty());
+    }
+
     fn a_flipped_byte_fails_the_digest(kind) {
         let relay = TestRelay::start(kind);
         assert_eq!(write_all(&relay, "flip", b"0123456789", &[]).code(), Some(0));
