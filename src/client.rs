@@ -217,6 +217,13 @@ impl RelayConfig {
         if is_auth_error(e) {
             Error::Auth { addr, reason }
         } else if self.tls.is_some() && is_tls_error(e) {
+            let reason = if reason.contains("CertificateRequired") {
+                format!(
+                    "{reason} (the relay requires a client certificate: give --tls-cert and --tls-key)"
+                )
+            } else {
+                reason
+            };
             Error::Tls { addr, reason }
         } else if self.tls.is_some() && e.is_connection_dropped() {
             // With TLS 1.3 a refused client certificate shows up only as a closed connection.
