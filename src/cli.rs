@@ -46,6 +46,10 @@ pub struct Common {
     /// connection: only for tests.
     #[arg(long, global = true)]
     pub tls_insecure: bool,
+    /// How long to keep reconnecting when the relay is lost mid-stream (0: give up at once).
+    /// The first connection is not retried.
+    #[arg(long, global = true, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
+    pub retry_for: std::time::Duration,
     /// Prefix of every key tube writes on the relay.
     #[arg(long, global = true, env = "TUBE_PREFIX", default_value = tube::DEFAULT_PREFIX)]
     pub prefix: String,

@@ -10,8 +10,8 @@ use redis::{
     AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
     RedisError, Value,
 };
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Default relay URL: a relay on this machine's standard Redis port.
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
@@ -19,8 +19,15 @@ pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 /// How long connecting and the first answer may take before the relay counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long an ordinary command may wait for its answer.
+/// How long an ordinary command may wait for its answer. A relay that stays silent longer
+/// counts as lost, and the connection is replaced.
 pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long writers and readers keep trying to get a lost relay back, by default.
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(60);
+/// First pause between reconnection attempts; it doubles up to [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Where the relay is and how to log in to it.
 #[derive(Clone)]
@@ -28,6 +35,10 @@ pub struct RelayConfig {
     info: ConnectionInfo,
     addr: Arc<str>,
     tls: Option<TlsOptions>,
+    retry_for: Duration,
+    /// Shared by every connection made from this configuration, so that one outage is
+    /// announced once, however many connections it breaks.
+    outage: Arc<Outage>,
 }
 
 /// TLS settings for `rediss://` relays.
@@ -91,7 +102,22 @@ impl RelayConfig {
             info: info.set_redis_settings(redis).set_tcp_settings(tcp),
             addr: addr.into(),
             tls: tls.then(TlsOptions::default),
+            retry_for: DEFAULT_RETRY_FOR,
+            outage: Arc::default(),
         })
+    }
+
+    /// How long a writer or reader that lost the relay keeps reconnecting before it gives
+    /// up; zero gives up at the first failure. Connecting at the start is never retried: a
+    /// relay that is not there at all should be reported at once.
+    pub fn with_retry_for(mut self, retry_for: Duration) -> Self {
+        self.retry_for = retry_for;
+        self
+    }
+
+    /// See [`RelayConfig::with_retry_for`].
+    pub fn retry_for(&self) -> Duration {
+        self.retry_for
     }
 
     /// Sets the TLS options of a `rediss://` relay.
@@ -135,8 +161,23 @@ impl RelayConfig {
         &self.addr
     }
 
-    /// Opens a connection and checks that a Redis-protocol server answers on it.
+    /// Opens a connection and checks that a Redis-protocol server answers on it. Failures are
+    /// reported at once; see [`Conn::resilient`] for a connection that comes back.
     pub(crate) async fn connect(&self) -> Result<Conn> {
+        let inner = self.open().await?;
+        Ok(Conn {
+            inner: inner.clone(),
+            generation: 0,
+            link: Arc::new(Link {
+                relay: self.clone(),
+                current: Mutex::new((inner, 0)),
+                reconnecting: tokio::sync::Mutex::new(None),
+            }),
+            resilient: false,
+        })
+    }
+
+    async fn open(&self) -> Result<MultiplexedConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             // tube sets its own deadlines per command: a blocking read must be able to wait.
@@ -176,12 +217,9 @@ impl RelayConfig {
                 });
             }
         };
-        let mut conn = Conn {
-            inner,
-            addr: self.addr.clone(),
-        };
+        let mut conn = inner;
         let ping = redis::cmd("PING");
-        match tokio::time::timeout(CONNECT_TIMEOUT, conn.inner.send_packed_command(&ping)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, conn.send_packed_command(&ping)).await {
             Ok(Ok(Value::SimpleString(s))) if s == "PONG" => {}
             // A relay that wants a password and got none says so in its answer to PING.
             Ok(Ok(Value::ServerError(e))) if matches!(e.code(), "NOAUTH" | "NOPERM") => {
@@ -207,7 +245,7 @@ impl RelayConfig {
                 });
             }
         }
-        conn.inner.set_response_timeout(COMMAND_TIMEOUT);
+        conn.set_response_timeout(COMMAND_TIMEOUT);
         Ok(conn)
     }
 
@@ -328,67 +366,250 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// A connection to the relay that maps every failure to [`Error`].
+///
+/// Clones share one connection. A resilient connection ([`Conn::resilient`]) replaces a
+/// connection that failed and sends the command again, so it must only carry commands that
+/// may be repeated; the writer's appends are repeatable because each names its stream ID.
 #[derive(Clone)]
 pub(crate) struct Conn {
     inner: MultiplexedConnection,
-    addr: Arc<str>,
+    /// Which of the link's connections `inner` is.
+    generation: u64,
+    link: Arc<Link>,
+    resilient: bool,
+}
+
+/// The connection that the clones of a [`Conn`] share, replaced when it fails.
+struct Link {
+    relay: RelayConfig,
+    current: Mutex<(MultiplexedConnection, u64)>,
+    /// Held while a new connection is being made, so that only one is. Holds the final
+    /// error once reconnecting was given up: the other clones then give up at once too.
+    reconnecting: tokio::sync::Mutex<Option<Error>>,
+}
+
+/// Whether a failure is the connection's (worth reconnecting), not the command's.
+fn is_connection_failure(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.code() == Some("LOADING")
 }
 
 impl Conn {
+    /// A clone that reconnects and repeats its commands when the connection fails, for up
+    /// to the configuration's `retry_for`.
+    pub(crate) fn resilient(&self) -> Self {
+        let mut c = self.clone();
+        c.resilient = true;
+        c
+    }
+
+    /// A clone that reports failures at once: for best-effort commands at the end, which
+    /// must not hold up an exit.
+    pub(crate) fn fragile(&self) -> Self {
+        let mut c = self.clone();
+        c.resilient = false;
+        c
+    }
+
+    /// Picks up the connection another clone made after a failure.
+    fn refresh(&mut self) {
+        let current = self.link.current.lock().expect("not poisoned");
+        if current.1 != self.generation {
+            self.inner = current.0.clone();
+            self.generation = current.1;
+        }
+    }
+
+    /// A number that changes each time the connection is replaced.
+    pub(crate) fn generation(&mut self) -> u64 {
+        self.refresh();
+        self.generation
+    }
+
     /// Sends one command and converts its answer.
     pub(crate) async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T> {
-        let value = self
-            .inner
-            .send_packed_command(cmd)
-            .await
-            .map_err(|e| self.error(&e))?;
-        T::from_redis_value(value).map_err(|e| self.error(&e.into()))
+        loop {
+            self.refresh();
+            match self.inner.send_packed_command(cmd).await {
+                Ok(value) => {
+                    return T::from_redis_value(value).map_err(|e| self.error(&e.into()));
+                }
+                Err(e) if self.resilient && is_connection_failure(&e) => {
+                    let failure = self.error(&e);
+                    self.reconnect(failure).await?;
+                }
+                Err(e) => return Err(self.error(&e)),
+            }
+        }
     }
 
     /// The underlying connection, for pipelined appends.
-    pub(crate) fn raw(&self) -> MultiplexedConnection {
+    pub(crate) fn raw(&mut self) -> MultiplexedConnection {
+        self.refresh();
         let mut c = self.inner.clone();
         c.set_response_timeout(COMMAND_TIMEOUT);
         c
     }
 
     pub(crate) fn addr(&self) -> &str {
-        &self.addr
+        &self.link.relay.addr
     }
 
     /// Maps a client-library error.
     pub(crate) fn error(&self, e: &RedisError) -> Error {
-        let addr = self.addr.to_string();
+        let addr = self.addr().to_string();
         let reason = error_text(e);
         if is_auth_error(e) {
             Error::Auth { addr, reason }
-        } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        } else if is_connection_failure(e) {
             Error::Connection { addr, reason }
         } else {
             Error::Relay { addr, reason }
         }
     }
-}
 
-impl Conn {
+    /// Whether `e`, from this connection, means the connection failed.
+    pub(crate) fn is_failure(e: &RedisError) -> bool {
+        is_connection_failure(e)
+    }
+
+    /// Replaces the connection after `failure`, trying with growing pauses until the
+    /// configuration's `retry_for` has passed since the relay was lost.
+    ///
+    /// # Errors
+    /// [`Error::GaveUp`] after `retry_for`; at once, errors that another attempt cannot mend
+    /// (a refused password, a TLS failure); `failure` itself when `retry_for` is zero.
+    pub(crate) async fn reconnect(&mut self, failure: Error) -> Result<()> {
+        let link = self.link.clone();
+        let relay = &link.relay;
+        if relay.retry_for.is_zero() {
+            return Err(failure);
+        }
+        let mut given_up = link.reconnecting.lock().await;
+        if let Some(Error::GaveUp { addr, secs, last }) = &*given_up {
+            return Err(Error::GaveUp {
+                addr: addr.clone(),
+                secs: *secs,
+                last: last.clone(),
+            });
+        }
+        if link.current.lock().expect("not poisoned").1 != self.generation {
+            // Another clone has already replaced the connection this one failed on.
+            self.refresh();
+            return Ok(());
+        }
+        let since = relay.outage.begin(&relay.addr, relay.retry_for, &failure);
+        let mut pause = FIRST_RETRY_PAUSE;
+        loop {
+            let last = match relay.open().await {
+                Ok(inner) => {
+                    let mut current = link.current.lock().expect("not poisoned");
+                    current.1 += 1;
+                    current.0 = inner;
+                    drop(current);
+                    self.refresh();
+                    relay.outage.end(&relay.addr, true);
+                    return Ok(());
+                }
+                Err(e @ (Error::Auth { .. } | Error::Tls { .. })) => {
+                    relay.outage.end(&relay.addr, false);
+                    return Err(e);
+                }
+                Err(e) => e,
+            };
+            let left = (since + relay.retry_for).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                relay.outage.end(&relay.addr, false);
+                let give_up = || Error::GaveUp {
+                    addr: relay.addr.to_string(),
+                    secs: relay.retry_for.as_secs_f64(),
+                    last: last.to_string(),
+                };
+                *given_up = Some(give_up());
+                return Err(give_up());
+            }
+            tracing::debug!("reconnecting to {}: {last}", relay.addr);
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
+        }
+    }
+
     /// Sends a pipeline with its own deadline (for one that holds a blocking read).
     pub(crate) async fn pipe_unbounded<T: FromRedisValue>(
         &mut self,
         pipe: &redis::Pipeline,
         deadline: Duration,
     ) -> Result<T> {
-        let mut inner = self.inner.clone();
-        inner.set_response_timeout(deadline);
-        pipe.query_async(&mut inner)
-            .await
-            .map_err(|e| self.error(&e))
+        self.send_pipe(pipe, Some(deadline)).await
     }
 
     /// Sends a pipeline of commands and converts the answers.
     pub(crate) async fn pipe<T: FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> Result<T> {
-        pipe.query_async(&mut self.inner)
-            .await
-            .map_err(|e| self.error(&e))
+        self.send_pipe(pipe, None).await
+    }
+
+    async fn send_pipe<T: FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+        deadline: Option<Duration>,
+    ) -> Result<T> {
+        loop {
+            self.refresh();
+            let mut inner = self.inner.clone();
+            if let Some(deadline) = deadline {
+                inner.set_response_timeout(deadline);
+            }
+            match pipe.query_async(&mut inner).await {
+                Ok(v) => return Ok(v),
+                Err(e) if self.resilient && is_connection_failure(&e) => {
+                    let failure = self.error(&e);
+                    self.reconnect(failure).await?;
+                }
+                Err(e) => return Err(self.error(&e)),
+            }
+        }
+    }
+}
+
+/// Whether the relay is lost, and since when: shared by the connections of one
+/// configuration so that an outage is announced once and has one deadline.
+#[derive(Debug, Default)]
+struct Outage {
+    /// Connections reconnecting now, and when the first of them lost the relay.
+    state: Mutex<(usize, Option<Instant>)>,
+}
+
+impl Outage {
+    /// One more connection is reconnecting; returns when the relay was lost.
+    fn begin(&self, addr: &str, retry_for: Duration, failure: &Error) -> Instant {
+        let mut state = self.state.lock().expect("not poisoned");
+        state.0 += 1;
+        *state.1.get_or_insert_with(|| {
+            tracing::warn!(
+                "lost the relay at {addr} ({}); reconnecting for up to {} s",
+                failure.reason(),
+                retry_for.as_secs_f64()
+            );
+            Instant::now()
+        })
+    }
+
+    /// A connection stopped reconnecting, having got the relay back or given up.
+    fn end(&self, addr: &str, back: bool) {
+        let mut state = self.state.lock().expect("not poisoned");
+        state.0 = state.0.saturating_sub(1);
+        if state.0 == 0
+            && let Some(since) = state.1.take()
+            && back
+        {
+            tracing::warn!(
+                "reconnected to the relay at {addr} after {:.1} s",
+                since.elapsed().as_secs_f64()
+            );
+        }
     }
 }
 

@@ -74,6 +74,18 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The relay was lost mid-stream and did not come back within the retry time.
+    #[error(
+        "lost the relay at {addr} and could not reconnect within {secs} s (last attempt: {last})"
+    )]
+    GaveUp {
+        /// The relay's address.
+        addr: String,
+        /// How long reconnecting was tried.
+        secs: f64,
+        /// Why the last attempt failed.
+        last: String,
+    },
     /// The relay answered a command with an error.
     #[error("the relay at {addr} answered with an error: {reason}")]
     Relay {
@@ -154,6 +166,18 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// The relay no longer holds data the reader had not read: the relay restarted without
+    /// persistence, was flushed, the channel's keys were deleted, or the records were trimmed
+    /// before this reader fetched them. Everything before `offset` was written out.
+    #[error("data lost on channel {channel}: missing from byte {offset}: {detail}")]
+    Lost {
+        /// The channel.
+        channel: String,
+        /// Bytes of the session written out, all of them before the loss.
+        offset: u64,
+        /// What is missing, and why it may be.
+        detail: String,
+    },
     /// A record could not be decoded.
     #[error("bad record on channel {channel}: {source}")]
     Decode {
@@ -205,8 +229,21 @@ impl Error {
             Self::WriterVanished { .. }
                 | Self::Interrupted { .. }
                 | Self::Corrupt { .. }
+                | Self::Lost { .. }
                 | Self::Decode { .. }
         )
+    }
+
+    /// The reason part of a relay error, without the address, for messages that name the
+    /// relay themselves.
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            Self::Unreachable { reason, .. }
+            | Self::Connection { reason, .. }
+            | Self::NotRedis { reason, .. }
+            | Self::Relay { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
     }
 }
 

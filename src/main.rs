@@ -23,6 +23,8 @@ const EXIT_INTERRUPTED: u8 = 3;
 const EXIT_VANISHED: u8 = 4;
 /// Exit status when the stream is corrupt (gap, reorder, bad record, digest mismatch).
 const EXIT_CORRUPT: u8 = 5;
+/// Exit status when the relay lost data the reader had not read yet.
+const EXIT_LOST: u8 = 6;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -55,6 +57,7 @@ fn exit_status(e: &Error) -> u8 {
         Error::Corrupt { .. } | Error::Decode { .. } => EXIT_CORRUPT,
         Error::Interrupted { .. } => EXIT_INTERRUPTED,
         Error::WriterVanished { .. } => EXIT_VANISHED,
+        Error::Lost { .. } => EXIT_LOST,
         _ => 1,
     }
 }
@@ -81,7 +84,7 @@ fn init_logging(common: &Common) {
 }
 
 fn relay_config(common: &Common) -> Result<RelayConfig, Error> {
-    let mut relay = RelayConfig::from_url(&common.url)?;
+    let mut relay = RelayConfig::from_url(&common.url)?.with_retry_for(common.retry_for);
     let password = match &common.password_file {
         Some(path) => Some(first_line(path, "password file")?),
         None => std::env::var("TUBE_PASSWORD")
@@ -282,6 +285,11 @@ async fn pump_stdin(
             biased;
             _ = stop.cancelled() => break,
             piece = input.recv() => piece,
+            // The relay was lost for good while stdin was quiet.
+            _ = writer.stopped() => {
+                writer.finish().await?;
+                return Err(Error::Closed("writer"));
+            }
         };
         match piece {
             None => {

@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -146,7 +146,9 @@ struct Registration {
 }
 
 impl Registration {
-    async fn remove(mut self) {
+    /// Deletes the registration at once; best effort, and not worth waiting for a lost relay.
+    async fn remove(self) {
+        let mut conn = self.conn.fragile();
         let mut pipe = redis::pipe();
         pipe.cmd("DEL")
             .arg(self.channel.reader_key(&self.id))
@@ -155,7 +157,15 @@ impl Registration {
             .arg(self.channel.readers_key())
             .arg(&self.id)
             .ignore();
-        let _: Result<()> = self.conn.pipe(&pipe).await;
+        let _: Result<()> = conn.pipe(&pipe).await;
+    }
+
+    fn register(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("HSET")
+            .arg(self.channel.readers_key())
+            .arg(&self.id)
+            .arg(unix_ms())
+            .ignore();
     }
 
     fn report(&self, pipe: &mut redis::Pipeline, position: &Position) {
@@ -190,7 +200,8 @@ impl Reader {
             StartAt::Start => {}
             StartAt::Oldest if latest > 0 => {
                 if let Some((s, q)) =
-                    first_entry(&mut conn, channel, &record::entry_id(latest, 0), false).await?
+                    session::first_entry(&mut conn, channel, &record::entry_id(latest, 0), false)
+                        .await?
                     && q > 0
                 {
                     last = (s, q - 1);
@@ -200,13 +211,15 @@ impl Reader {
             StartAt::Now if latest > 0 => {
                 // Everything after the newest record: the next data record opens the session
                 // mid-way, or, if the session is over, the next session's begin record comes.
-                if let Some(newest) = first_entry(&mut conn, channel, "+", true).await? {
+                if let Some(newest) = session::first_entry(&mut conn, channel, "+", true).await? {
                     last = newest;
                     join_mid_session = true;
                 }
             }
             StartAt::Oldest | StartAt::Now => {}
         }
+        // From here on a lost relay is waited for, not a failure.
+        let mut conn = conn.resilient();
         let registration = Registration {
             conn: conn.clone(),
             channel: channel.clone(),
@@ -219,11 +232,7 @@ impl Reader {
         };
         let mut pipe = redis::pipe();
         registration.report(&mut pipe, &position);
-        pipe.cmd("HSET")
-            .arg(channel.readers_key())
-            .arg(&registration.id)
-            .arg(unix_ms())
-            .ignore();
+        registration.register(&mut pipe);
         let () = conn.pipe(&pipe).await?;
         let shared = Arc::new(Shared {
             position: Mutex::new(Some(position)),
@@ -231,7 +240,10 @@ impl Reader {
         });
         let (tx, rx) = mpsc::channel(16);
         let fetcher = Fetcher {
+            generation: conn.generation(),
             conn,
+            retry_for: relay.retry_for(),
+            lease_missing_since: None,
             channel: channel.clone(),
             follow: opts.follow,
             join_mid_session,
@@ -348,27 +360,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The ID of the first entry at or after `from` (or, `reverse`, at or before it).
-async fn first_entry(
-    conn: &mut Conn,
-    channel: &Channel,
-    from: &str,
-    reverse: bool,
-) -> Result<Option<(u64, u64)>> {
-    let mut cmd = redis::cmd(if reverse { "XREVRANGE" } else { "XRANGE" });
-    cmd.arg(channel.stream_key());
-    if reverse {
-        cmd.arg(from).arg("-");
-    } else {
-        cmd.arg(from).arg("+");
-    }
-    cmd.arg("COUNT").arg(1);
-    let entries: Vec<(String, Value)> = conn.query(&cmd).await?;
-    Ok(entries
-        .first()
-        .and_then(|(id, _)| record::parse_entry_id(id.as_bytes())))
-}
-
 /// Keeps the reader's registration alive and learns how far behind the writer it is.
 async fn heartbeat(registration: Registration, shared: Arc<Shared>) {
     let mut conn = registration.conn.clone();
@@ -380,11 +371,7 @@ async fn heartbeat(registration: Registration, shared: Arc<Shared>) {
         if let Some(p) = &position {
             registration.report(&mut pipe, p);
         }
-        pipe.cmd("HSET")
-            .arg(channel.readers_key())
-            .arg(&registration.id)
-            .arg(unix_ms())
-            .ignore();
+        registration.register(&mut pipe);
         pipe.cmd("HMGET")
             .arg(channel.meta_key())
             .arg("session")
@@ -425,6 +412,13 @@ enum Step {
 
 struct Fetcher {
     conn: Conn,
+    /// The connection the reader last registered on: a new one may reach a relay that lost
+    /// the registration.
+    generation: u64,
+    /// How long a writer may be away (its lease lapsed) before the reader takes it as gone:
+    /// as long as a writer keeps reconnecting.
+    retry_for: Duration,
+    lease_missing_since: Option<Instant>,
     channel: Channel,
     follow: bool,
     /// The first session may be joined in the middle (`--from oldest` / `--from now`).
@@ -480,7 +474,7 @@ impl Fetcher {
                     // The end record may have landed just before the lease was released.
                     let late = self.read(None).await?;
                     if late.is_empty() {
-                        self.vanished()?;
+                        self.vanished().await?;
                         continue;
                     }
                     if let Step::Done = self.handle_all(late).await? {
@@ -518,13 +512,8 @@ impl Fetcher {
         if state.id != s {
             return self.read(Some(BLOCK)).await;
         }
-        let position = *self.shared.position.lock().expect("not poisoned");
         let mut pipe = redis::pipe();
-        if position != self.reported
-            && let Some(p) = &position
-        {
-            self.registration.report(&mut pipe, p);
-        }
+        let position = self.registration_update(&mut pipe);
         let c = self.count as u64;
         for i in 0..self.depth as u64 {
             let first = q.saturating_add(1 + i * c);
@@ -554,15 +543,28 @@ impl Fetcher {
         Ok(out)
     }
 
-    /// Reads the next entries; reports the reader's position in the same round trip.
-    async fn read(&mut self, block: Option<Duration>) -> Result<Vec<(String, Value)>> {
+    /// Adds to `pipe` what the relay should know of this reader: its position when that
+    /// changed, and its whole registration on a new connection. Returns the position.
+    fn registration_update(&mut self, pipe: &mut redis::Pipeline) -> Option<Position> {
         let position = *self.shared.position.lock().expect("not poisoned");
-        let mut pipe = redis::pipe();
+        let generation = self.conn.generation();
+        if generation != self.generation {
+            self.generation = generation;
+            self.reported = None;
+            self.registration.register(pipe);
+        }
         if position != self.reported
             && let Some(p) = &position
         {
-            self.registration.report(&mut pipe, p);
+            self.registration.report(pipe, p);
         }
+        position
+    }
+
+    /// Reads the next entries; reports the reader's position in the same round trip.
+    async fn read(&mut self, block: Option<Duration>) -> Result<Vec<(String, Value)>> {
+        let mut pipe = redis::pipe();
+        let position = self.registration_update(&mut pipe);
         let cmd = pipe.cmd("XREAD");
         cmd.arg("COUNT").arg(self.count);
         if let Some(block) = block {
@@ -654,31 +656,71 @@ impl Fetcher {
             return Ok(false);
         }
         self.awaiting = None;
-        self.session_failed(self.corrupt(format!(
+        self.session_failed(self.lost(format!(
             "session {s} is no longer on the relay: its records were deleted, or the relay lost them"
         )))?;
         Ok(true)
     }
 
-    /// Whether the writer of the session being read no longer holds the lease.
+    /// Whether the writer of the session being read is gone: another writer holds the
+    /// lease, the writer released it saying the session ended, or nobody has held it for
+    /// `retry_for` (a writer that lost the relay takes its lease back when it returns).
     async fn writer_gone(&mut self) -> Result<bool> {
         let Some(session) = &self.session else {
             return Ok(false);
         };
-        let lease: Option<String> = self
-            .conn
-            .query(redis::cmd("GET").arg(self.channel.writer_key()))
-            .await?;
-        Ok(lease.as_deref() != Some(session.lease.as_str()))
+        let id = session.id;
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.channel.writer_key());
+        pipe.cmd("HGET").arg(self.channel.meta_key()).arg("ended");
+        let (lease, ended): (Option<String>, Option<u64>) = self.conn.pipe(&pipe).await?;
+        match lease {
+            Some(l) if l == session.lease => {
+                self.lease_missing_since = None;
+                Ok(false)
+            }
+            Some(_) => Ok(true),
+            // The writer ended the session on purpose: no need to wait for it.
+            None if ended.is_some_and(|e| e >= id) => Ok(true),
+            None => {
+                let since = *self.lease_missing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < self.retry_for {
+                    tracing::debug!("the writer's lease lapsed; waiting for it to come back");
+                }
+                Ok(since.elapsed() >= self.retry_for)
+            }
+        }
     }
 
-    fn vanished(&mut self) -> Result<()> {
-        let session = self.session.take().expect("checked by writer_gone");
-        let err = Error::WriterVanished {
-            channel: self.channel.name().into(),
-            bytes: session.bytes,
+    /// Ends the open session, whose writer is gone without an end record: it vanished, or
+    /// the relay lost the end of the session (then the newest record the reader handled is
+    /// not on the relay any more).
+    async fn vanished(&mut self) -> Result<()> {
+        let newest = session::newest_entry(&mut self.conn, &self.channel).await?;
+        let last = record::parse_entry_id(self.last_id.as_bytes());
+        let err = if newest.is_some() && newest >= last {
+            Error::WriterVanished {
+                channel: self.channel.name().into(),
+                bytes: self.session.as_ref().map_or(0, |s| s.bytes),
+            }
+        } else {
+            self.lost(format!(
+                "the relay no longer holds record {} or anything after it: it was restarted \
+                 without persistence, flushed, or the channel was deleted",
+                self.last_id
+            ))
         };
+        self.lease_missing_since = None;
+        self.session = None;
         self.session_failed(err)
+    }
+
+    fn lost(&self, detail: String) -> Error {
+        Error::Lost {
+            channel: self.channel.name().into(),
+            offset: self.session.as_ref().map_or(0, |s| s.bytes),
+            detail,
+        }
     }
 
     /// In follow mode a failed session is reported and the reader waits for the next one;
@@ -900,8 +942,9 @@ impl Fetcher {
         if q > next {
             let lost_to = offset.unwrap_or(bytes);
             if !live {
-                return Err(self.corrupt(format!(
-                    "expected record {}, found {s}-{q}: data is missing from byte {bytes}",
+                return Err(self.lost(format!(
+                    "expected record {}, found {s}-{q}: the relay lost the records between, or \
+                     they were trimmed before this reader fetched them",
                     record::entry_id(id, next)
                 )));
             }
@@ -954,7 +997,7 @@ impl Fetcher {
         let first_session = self.join_mid_session;
         self.join_mid_session = false;
         let Some(begin) = begin.filter(|b| first_session || b.live) else {
-            return Err(self.corrupt(format!(
+            return Err(self.lost(format!(
                 "the start of session {s} is no longer on the relay (it was trimmed to stay \
                  within the channel's backlog bound); use --from oldest to read from the oldest \
                  byte still held"

@@ -5,6 +5,7 @@ use crate::channel::Channel;
 use crate::client::Conn;
 use crate::error::{Error, Result};
 use crate::record;
+use redis::Value;
 
 /// Protocol version stored in the channel's meta hash.
 pub(crate) const META_PROTO: &str = "1";
@@ -108,7 +109,6 @@ pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelStat
 /// Whether the newest entry of `stream` looks like tube's: one field `r` holding a record
 /// whose header names the entry's own ID. An empty stream passes.
 async fn last_entry_is_tube_record(conn: &mut Conn, stream: &str) -> Result<bool> {
-    use redis::Value;
     let newest: Value = conn
         .query(
             redis::cmd("XREVRANGE")
@@ -138,4 +138,30 @@ async fn last_entry_is_tube_record(conn: &mut Conn, stream: &str) -> Result<bool
         && value.len() >= record::HEADER_LEN
         && value[4..12] == session.to_be_bytes()
         && value[12..20] == seq.to_be_bytes())
+}
+
+/// The ID of the first entry at or after `from` (or, `reverse`, at or before it).
+pub(crate) async fn first_entry(
+    conn: &mut Conn,
+    channel: &Channel,
+    from: &str,
+    reverse: bool,
+) -> Result<Option<(u64, u64)>> {
+    let mut cmd = redis::cmd(if reverse { "XREVRANGE" } else { "XRANGE" });
+    cmd.arg(channel.stream_key());
+    if reverse {
+        cmd.arg(from).arg("-");
+    } else {
+        cmd.arg(from).arg("+");
+    }
+    cmd.arg("COUNT").arg(1);
+    let entries: Vec<(String, Value)> = conn.query(&cmd).await?;
+    Ok(entries
+        .first()
+        .and_then(|(id, _)| record::parse_entry_id(id.as_bytes())))
+}
+
+/// The ID of the newest entry of the channel's stream.
+pub(crate) async fn newest_entry(conn: &mut Conn, channel: &Channel) -> Result<Option<(u64, u64)>> {
+    first_entry(conn, channel, "+", true).await
 }

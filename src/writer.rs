@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWrite;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, PollSender};
 
@@ -289,55 +289,57 @@ impl Writer {
                 }
                 None => None,
             };
-            let begin = record::encode_begin(session, &begin);
+            let keys = SessionKeys {
+                channel: channel.clone(),
+                session,
+                lease: lease.clone(),
+                begin: record::encode_begin(session, &begin),
+                live: opts.live,
+                ttl_ms,
+            };
             let mut pipe = redis::pipe();
+            keys.set_meta(&mut pipe);
             pipe.cmd("HSET")
                 .arg(channel.meta_key())
-                .arg("begin")
-                .arg(&begin[..])
-                .arg("mode")
-                .arg(if opts.live { "live" } else { "reliable" })
-                .arg("ttl")
-                .arg(ttl_ms)
                 .arg("written")
                 .arg(0)
                 .arg("rate")
                 .arg(0)
-                .arg("active")
-                .arg(unix_ms())
                 .ignore();
-            pipe.add_command(xadd(channel, session, 0, &begin[..]))
+            pipe.add_command(xadd(channel, session, 0, &keys.begin[..]))
                 .ignore();
-            for key in [channel.stream_key(), channel.meta_key()] {
-                pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
-            }
+            pipe.cmd("PEXPIRE")
+                .arg(channel.stream_key())
+                .arg(ttl_ms)
+                .ignore();
             let () = ctl.pipe(&pipe).await?;
             let mut data = relay.connect().await?;
             let pinged = Instant::now();
             let _: String = data.query(&redis::cmd("PING")).await?;
             let window_bytes = window_bytes(pinged.elapsed());
-            let begin_size = stored_size(begin.len() + RECORD_OVERHEAD);
-            Ok::<_, Error>((session, held_before, begin_size, data, sealer, window_bytes))
+            let begin_size = stored_size(keys.begin.len() + RECORD_OVERHEAD);
+            Ok::<_, Error>((keys, held_before, begin_size, data, sealer, window_bytes))
         }
         .await;
-        let (session, held_before, begin_len, data, sealer, window_bytes) = match begun {
+        let (keys, held_before, begin_len, data, sealer, window_bytes) = match begun {
             Ok(v) => v,
             Err(e) => {
-                release_lease(&mut ctl, channel, &lease).await;
+                release_lease(&mut ctl, channel, &lease, None).await;
                 return Err(e);
             }
         };
+        let session = keys.session;
         tracing::debug!(channel = channel.name(), session, "session started");
+        // From here on a lost relay is waited for, not a failure.
+        let (ctl, data) = (ctl.resilient(), data.resilient());
 
         let shared = Arc::new(Shared::default());
-        let (lost_tx, lost_rx) = watch::channel(None);
+        let (lost_tx, lost_rx) = oneshot::channel();
         let stop = CancellationToken::new();
         tokio::spawn(
             Heartbeat {
                 ctl: ctl.clone(),
-                channel: channel.clone(),
-                lease: lease.clone(),
-                ttl_ms,
+                keys: keys.clone(),
                 shared: shared.clone(),
             }
             .run(lost_tx, stop.clone()),
@@ -360,7 +362,7 @@ impl Writer {
             ctl,
             channel: channel.clone(),
             session,
-            lease,
+            keys,
             chunk_size,
             window,
             in_flight: 0,
@@ -430,6 +432,15 @@ impl Writer {
             Ok(())
         } else {
             Err(self.failure().await)
+        }
+    }
+
+    /// Resolves when the writer has stopped by itself, which only a failure does: a
+    /// producer waiting for input learns of it without sending more. The error comes from
+    /// the next call.
+    pub async fn stopped(&self) {
+        if let Some(tx) = self.tx.get_ref() {
+            tx.closed().await;
         }
     }
 
@@ -586,10 +597,23 @@ struct Held {
     bytes: u64,
 }
 
-/// A request in flight on the data connection.
-enum Request {
-    Append { seq: u64, bytes: u64 },
-    Trim,
+/// A request in flight on the data connection, kept until the relay answers so that it can
+/// be sent again on a new connection.
+struct Request {
+    /// The sequence number of an append; `None` for a trim.
+    seq: Option<u64>,
+    /// Bytes the append adds to the relay's memory.
+    bytes: u64,
+    cmd: Arc<redis::Cmd>,
+}
+
+/// What a reply says about its request.
+enum Outcome {
+    Done,
+    /// The connection failed: the request may or may not have reached the relay.
+    Failed(Error),
+    /// The relay already holds an entry at or past this append's ID.
+    Taken(u64),
 }
 
 type Reply = Pin<Box<dyn Future<Output = RedisResult<Value>> + Send>>;
@@ -601,7 +625,7 @@ struct Sender {
     ctl: Conn,
     channel: Channel,
     session: u64,
-    lease: String,
+    keys: SessionKeys,
     chunk_size: usize,
     window: usize,
     /// Bytes of the appends in flight.
@@ -617,7 +641,8 @@ struct Sender {
     /// Position of the slowest live reader as last seen; `None` when none is registered.
     readers: Option<(u64, u64)>,
     readers_seen: Instant,
-    lost: watch::Receiver<Option<String>>,
+    /// Why the heartbeat stopped, if it failed.
+    lost: oneshot::Receiver<Error>,
     stop_heartbeat: CancellationToken,
     shared: Arc<Shared>,
 }
@@ -626,8 +651,24 @@ impl Sender {
     async fn run(mut self) -> Result<Summary> {
         let outcome = self.pump().await;
         self.stop_heartbeat.cancel();
-        self.publish_stats().await;
-        release_lease(&mut self.ctl, &self.channel, &self.lease).await;
+        // Best effort. After a success the data connection has just worked (the control
+        // connection may have broken unnoticed); after a failure the relay is not worth
+        // waiting for.
+        let mut conn = match outcome {
+            Ok(_) => self.data.clone(),
+            Err(_) => self.ctl.fragile(),
+        };
+        if outcome.is_ok() {
+            let _ = self.keys.restore(&mut conn).await;
+        }
+        self.publish_stats(&mut conn).await;
+        release_lease(
+            &mut conn,
+            &self.channel,
+            &self.keys.lease,
+            Some(self.session),
+        )
+        .await;
         match &outcome {
             Ok(s) => tracing::debug!(channel = self.channel.name(), ?s, "session ended"),
             Err(e) => tracing::debug!(channel = self.channel.name(), %e, "writer failed"),
@@ -657,32 +698,21 @@ impl Sender {
                     match self.make_room(size) {
                         Room::Free(trim) => {
                             if let Some(upto) = trim {
-                                inflight.push_back((
-                                    Request::Trim,
-                                    issue(self.data.raw(), self.xtrim(upto)).await,
-                                ));
+                                let trim = self.xtrim(upto);
+                                self.send(&mut inflight, None, 0, trim).await;
                             }
                             let rseq = record.seq;
                             self.push_held((self.session, rseq), size);
                             let cmd = xadd(&self.channel, self.session, rseq, record);
-                            self.in_flight += size;
-                            inflight.push_back((
-                                Request::Append {
-                                    seq: rseq,
-                                    bytes: size,
-                                },
-                                issue(self.data.raw(), cmd).await,
-                            ));
+                            self.send(&mut inflight, Some(rseq), size, cmd).await;
                             self.shared.waiting.store(false, Ordering::Relaxed);
                             poll_pause = Duration::from_millis(5);
                             continue;
                         }
                         Room::Wait(trim) => {
                             if let Some(upto) = trim {
-                                inflight.push_back((
-                                    Request::Trim,
-                                    issue(self.data.raw(), self.xtrim(upto)).await,
-                                ));
+                                let trim = self.xtrim(upto);
+                                self.send(&mut inflight, None, 0, trim).await;
                             }
                             self.shared.waiting.store(true, Ordering::Relaxed);
                             ready_record = Some((record, size));
@@ -707,15 +737,10 @@ impl Sender {
             let waiting_for_readers = ready_record.is_some() && room;
             tokio::select! {
                 biased;
-                changed = self.lost.changed() => {
-                    let reason = self.lost.borrow().clone();
-                    if let (Ok(()), Some(reason)) = (changed, reason) {
-                        return Err(Error::LeaseLost { channel: self.channel.name().into(), reason });
-                    }
-                }
+                Ok(e) = &mut self.lost => return Err(e),
                 acked = async { let front = inflight.front_mut().expect("non-empty"); (&mut front.1).await }, if !inflight.is_empty() => {
                     let (request, _) = inflight.pop_front().expect("non-empty");
-                    self.acked(&request, acked)?;
+                    self.settle(request, acked, &mut inflight).await?;
                 }
                 _ = tokio::time::sleep(poll_pause), if waiting_for_readers => {
                     self.refresh_readers().await?;
@@ -741,11 +766,9 @@ impl Sender {
             None => record::encode_end(self.session, seq, &end),
         };
         let end_size = stored_size(end.len() + RECORD_OVERHEAD);
-        let reply: Value = self
-            .data
-            .query(&xadd(&self.channel, self.session, seq, &end[..]))
-            .await?;
-        self.check_reply(&Request::Append { seq, bytes: 0 }, Ok(reply))?;
+        let cmd = xadd(&self.channel, self.session, seq, &end[..]);
+        self.send(&mut inflight, Some(seq), 0, cmd).await;
+        self.drain(&mut inflight).await?;
         self.push_held((self.session, seq), end_size);
         Ok(Summary {
             session: self.session,
@@ -862,7 +885,7 @@ impl Sender {
     }
 
     /// Keeps the channel's statistics in its meta hash current.
-    async fn publish_stats(&mut self) {
+    async fn publish_stats(&self, conn: &mut Conn) {
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
             .arg(self.channel.meta_key())
@@ -875,7 +898,7 @@ impl Sender {
             .arg("active")
             .arg(unix_ms())
             .ignore();
-        let _: Result<()> = self.ctl.pipe(&pipe).await;
+        let _: Result<()> = conn.pipe(&pipe).await;
     }
 
     /// Joins queued data into one payload of at most `chunk_size` bytes. Only data already
@@ -917,34 +940,141 @@ impl Sender {
         joined.map_or(first, BytesMut::freeze)
     }
 
+    /// Sends a request on the data connection and keeps it until its reply.
+    async fn send(
+        &mut self,
+        inflight: &mut VecDeque<(Request, Reply)>,
+        seq: Option<u64>,
+        bytes: u64,
+        cmd: redis::Cmd,
+    ) {
+        let request = Request {
+            seq,
+            bytes,
+            cmd: Arc::new(cmd),
+        };
+        self.resend(inflight, request).await;
+    }
+
+    async fn resend(&mut self, inflight: &mut VecDeque<(Request, Reply)>, request: Request) {
+        self.in_flight += request.bytes;
+        let reply = issue(self.data.raw(), request.cmd.clone()).await;
+        inflight.push_back((request, reply));
+    }
+
+    /// Waits for every request in flight to be answered.
     async fn drain(&mut self, inflight: &mut VecDeque<(Request, Reply)>) -> Result<()> {
-        while let Some((request, reply)) = inflight.pop_front() {
-            let reply = reply.await;
-            self.acked(&request, reply)?;
+        while let Some(front) = inflight.front_mut() {
+            let reply = (&mut front.1).await;
+            let (request, _) = inflight.pop_front().expect("non-empty");
+            self.settle(request, reply, inflight).await?;
         }
         Ok(())
     }
 
-    /// Takes the reply of the oldest request in flight.
-    fn acked(&mut self, request: &Request, reply: RedisResult<Value>) -> Result<()> {
-        if let Request::Append { bytes, .. } = request {
-            self.in_flight -= bytes;
+    /// Takes the reply of the oldest request in flight; after a connection failure, gets the
+    /// relay back and sends again what it does not hold.
+    async fn settle(
+        &mut self,
+        request: Request,
+        reply: RedisResult<Value>,
+        inflight: &mut VecDeque<(Request, Reply)>,
+    ) -> Result<()> {
+        self.in_flight -= request.bytes;
+        match self.check_reply(&request, reply)? {
+            Outcome::Done => Ok(()),
+            Outcome::Taken(seq) => match self.newest().await? {
+                Some((s, q)) if s == self.session && q >= seq => Ok(()),
+                _ => Err(Error::Relay {
+                    addr: self.data.addr().into(),
+                    reason: format!(
+                        "the relay refused record {} as out of order",
+                        record::entry_id(self.session, seq)
+                    ),
+                }),
+            },
+            Outcome::Failed(failure) => {
+                let mut pending = vec![request];
+                pending.extend(inflight.drain(..).map(|(r, _)| r));
+                self.recover(failure, pending, inflight).await
+            }
         }
-        self.check_reply(request, reply)
     }
 
-    fn check_reply(&self, request: &Request, reply: RedisResult<Value>) -> Result<()> {
-        match (request, reply) {
-            (Request::Append { seq, .. }, Ok(Value::BulkString(id)))
-                if id == record::entry_id(self.session, *seq).as_bytes() =>
-            {
-                Ok(())
+    /// Reconnects after `failure`, makes sure the session is still this writer's and on the
+    /// relay, and sends again the `pending` requests whose records the relay does not hold.
+    /// Appends name their IDs, so one that did land is not stored twice.
+    async fn recover(
+        &mut self,
+        failure: Error,
+        pending: Vec<Request>,
+        inflight: &mut VecDeque<(Request, Reply)>,
+    ) -> Result<()> {
+        self.in_flight = 0;
+        self.data.reconnect(failure).await?;
+        self.keys.hold_lease(&mut self.data).await?;
+        self.keys.restore(&mut self.data).await?;
+        let landed = match self.newest().await? {
+            Some((s, q)) if s == self.session => q,
+            _ => 0,
+        };
+        if let Some(first) = pending.iter().find_map(|r| r.seq)
+            && landed + 1 < first
+        {
+            tracing::warn!(
+                "the relay at {} lost records {} to {} of {}, which it had stored: readers that \
+                 had not read them will report the missing bytes",
+                self.data.addr(),
+                record::entry_id(self.session, landed + 1),
+                record::entry_id(self.session, first - 1),
+                self.channel
+            );
+        }
+        for request in pending {
+            if request.seq.is_some_and(|seq| seq <= landed) {
+                continue;
             }
-            (Request::Trim, Ok(Value::Int(_))) => Ok(()),
+            self.resend(inflight, request).await;
+        }
+        Ok(())
+    }
+
+    /// The ID of the newest entry on the channel's stream, when it is this writer's session
+    /// or an earlier one.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] when a later session has begun.
+    async fn newest(&mut self) -> Result<Option<(u64, u64)>> {
+        let newest = session::newest_entry(&mut self.data, &self.channel).await?;
+        match newest {
+            Some((s, _)) if s > self.session => Err(Error::LeaseLost {
+                channel: self.channel.name().into(),
+                reason: format!("session {s} has begun on the channel"),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    fn check_reply(&self, request: &Request, reply: RedisResult<Value>) -> Result<Outcome> {
+        let reply = match reply {
+            Ok(Value::ServerError(e)) => Err(e.into()),
+            other => other,
+        };
+        match (request.seq, reply) {
+            (Some(seq), Ok(Value::BulkString(id)))
+                if id == record::entry_id(self.session, seq).as_bytes() =>
+            {
+                Ok(Outcome::Done)
+            }
+            (None, Ok(Value::Int(_))) => Ok(Outcome::Done),
             (_, Ok(other)) => Err(Error::Relay {
                 addr: self.data.addr().into(),
                 reason: format!("unexpected answer {other:?}"),
             }),
+            (_, Err(e)) if Conn::is_failure(&e) => Ok(Outcome::Failed(self.data.error(&e))),
+            (Some(seq), Err(e)) if e.to_string().contains("equal or smaller") => {
+                Ok(Outcome::Taken(seq))
+            }
             (_, Err(e)) => Err(self.data.error(&e)),
         }
     }
@@ -1027,7 +1157,7 @@ pub(crate) async fn reader_positions(
 /// Sends one request and returns the future of its reply, after the request has entered the
 /// connection's queue. Appends must reach the relay in sequence order: queuing each one
 /// before the next is built guarantees that.
-async fn issue(mut conn: redis::aio::MultiplexedConnection, cmd: redis::Cmd) -> Reply {
+async fn issue(mut conn: redis::aio::MultiplexedConnection, cmd: Arc<redis::Cmd>) -> Reply {
     // The first poll puts the request into the connection's queue (which has room for more
     // than a window of requests), so the order of requests is the order of these calls.
     // `unconstrained`: tokio's cooperative budget could otherwise make that first poll return
@@ -1121,25 +1251,134 @@ async fn next_session(ctl: &mut Conn, channel: &Channel) -> Result<(u64, u64)> {
 }
 
 /// Deletes the lease if it is still ours. Best effort: a lease left behind expires anyway.
-async fn release_lease(ctl: &mut Conn, channel: &Channel, lease: &str) {
+/// With `ended`, also marks that session as ended on purpose, so that readers need not wait
+/// for a writer that might be reconnecting.
+async fn release_lease(ctl: &mut Conn, channel: &Channel, lease: &str, ended: Option<u64>) {
     let key = channel.writer_key();
     let current: Result<Option<String>> = ctl.query(redis::cmd("GET").arg(&key)).await;
     if matches!(current, Ok(Some(ref v)) if v == lease) {
-        let _: Result<i64> = ctl.query(redis::cmd("DEL").arg(&key)).await;
+        let mut pipe = redis::pipe();
+        if let Some(session) = ended {
+            pipe.cmd("HSET")
+                .arg(channel.meta_key())
+                .arg("ended")
+                .arg(session)
+                .ignore();
+        }
+        pipe.cmd("DEL").arg(&key).ignore();
+        let _: Result<()> = ctl.pipe(&pipe).await;
+    }
+}
+
+/// What a writer needs to hold its session, and to put it back on a relay that lost it.
+#[derive(Clone)]
+struct SessionKeys {
+    channel: Channel,
+    session: u64,
+    lease: String,
+    /// The session's begin record.
+    begin: Bytes,
+    live: bool,
+    ttl_ms: u64,
+}
+
+impl SessionKeys {
+    /// The meta hash's fields that describe the session.
+    fn set_meta(&self, pipe: &mut redis::Pipeline) {
+        let meta = self.channel.meta_key();
+        pipe.cmd("HSETNX")
+            .arg(&meta)
+            .arg("proto")
+            .arg(session::META_PROTO)
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(&meta)
+            .arg("session")
+            .arg(self.session)
+            .arg("begin")
+            .arg(&self.begin[..])
+            .arg("mode")
+            .arg(if self.live { "live" } else { "reliable" })
+            .arg("ttl")
+            .arg(self.ttl_ms)
+            .arg("active")
+            .arg(unix_ms())
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(&meta).arg(self.ttl_ms).ignore();
+    }
+
+    /// Makes sure the writer still holds the channel's lease, taking it back when it lapsed
+    /// (the relay was out of reach longer than the lease, or lost it) and nobody else took it.
+    async fn hold_lease(&self, conn: &mut Conn) -> Result<()> {
+        let key = self.channel.writer_key();
+        let lost = |reason: &str| Error::LeaseLost {
+            channel: self.channel.name().into(),
+            reason: reason.into(),
+        };
+        let current: Option<String> = conn.query(redis::cmd("GET").arg(&key)).await?;
+        match current {
+            Some(v) if v == self.lease => return Ok(()),
+            Some(_) => return Err(lost("another writer holds it now")),
+            None => {}
+        }
+        let _: Option<String> = conn
+            .query(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&self.lease)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LEASE.as_millis() as u64),
+            )
+            .await?;
+        // Read back rather than trust the answer: a repeated SET answers nil though it took.
+        let current: Option<String> = conn.query(redis::cmd("GET").arg(&key)).await?;
+        if current.as_deref() != Some(self.lease.as_str()) {
+            return Err(lost("another writer took it while this one was away"));
+        }
+        tracing::warn!("took back the writer lease of {}", self.channel);
+        Ok(())
+    }
+
+    /// Puts the session's meta hash and begin record back when the relay lost them, so that
+    /// readers can find the session again (and see what is missing from it).
+    async fn restore(&self, conn: &mut Conn) -> Result<()> {
+        let kept: bool = conn
+            .query(
+                redis::cmd("HEXISTS")
+                    .arg(self.channel.meta_key())
+                    .arg("begin"),
+            )
+            .await?;
+        if kept {
+            return Ok(());
+        }
+        tracing::warn!(
+            "the relay at {} lost the description of session {} of {}; writing it again",
+            conn.addr(),
+            self.session,
+            self.channel
+        );
+        let mut pipe = redis::pipe();
+        self.set_meta(&mut pipe);
+        let () = conn.pipe(&pipe).await?;
+        // Fails when later records of the session are still there, which is as good.
+        let _: Result<Value> = conn
+            .query(&xadd(&self.channel, self.session, 0, &self.begin[..]))
+            .await;
+        Ok(())
     }
 }
 
 /// Renews the lease, keeps the channel's keys from expiring, and publishes statistics.
 struct Heartbeat {
     ctl: Conn,
-    channel: Channel,
-    lease: String,
-    ttl_ms: u64,
+    keys: SessionKeys,
     shared: Arc<Shared>,
 }
 
 impl Heartbeat {
-    async fn run(mut self, lost: watch::Sender<Option<String>>, stop: CancellationToken) {
+    async fn run(mut self, lost: oneshot::Sender<Error>, stop: CancellationToken) {
         let mut last = (Instant::now(), 0u64);
         loop {
             tokio::select! {
@@ -1149,45 +1388,55 @@ impl Heartbeat {
             let bytes = self.shared.bytes.load(Ordering::Relaxed);
             let rate = (bytes - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
             last = (Instant::now(), bytes);
-            let key = self.channel.writer_key();
-            let mut pipe = redis::pipe();
-            pipe.cmd("PEXPIRE")
-                .arg(&key)
-                .arg(LEASE.as_millis() as u64)
-                .ignore();
-            pipe.cmd("GET").arg(&key);
-            for k in [
-                self.channel.stream_key(),
-                self.channel.meta_key(),
-                self.channel.readers_key(),
-            ] {
-                pipe.cmd("PEXPIRE").arg(k).arg(self.ttl_ms).ignore();
-            }
-            pipe.cmd("HSET")
-                .arg(self.channel.meta_key())
-                .arg("written")
-                .arg(bytes)
-                .arg("held")
-                .arg(self.shared.held.load(Ordering::Relaxed))
-                .arg("rate")
-                .arg(rate as u64)
-                .arg("active")
-                .arg(unix_ms())
-                .ignore();
-            let held: Result<(Option<String>,)> = self.ctl.pipe(&pipe).await;
-            match held {
-                Ok((Some(v),)) if v == self.lease => {}
-                Ok((found,)) => {
-                    let reason = match found {
-                        None => "the lease expired or was deleted".to_string(),
-                        Some(_) => "another writer holds it now".to_string(),
-                    };
-                    let _ = lost.send(Some(reason));
-                    return;
-                }
-                Err(e) => tracing::warn!("could not renew the writer lease: {e}"),
+            let renewed = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.beat(bytes, rate) => r,
+            };
+            if let Err(e) = renewed {
+                let _ = lost.send(e);
+                return;
             }
         }
+    }
+
+    async fn beat(&mut self, bytes: u64, rate: f64) -> Result<()> {
+        let channel = &self.keys.channel;
+        let key = channel.writer_key();
+        let mut pipe = redis::pipe();
+        pipe.cmd("PEXPIRE")
+            .arg(&key)
+            .arg(LEASE.as_millis() as u64)
+            .ignore();
+        pipe.cmd("GET").arg(&key);
+        for k in [
+            channel.stream_key(),
+            channel.meta_key(),
+            channel.readers_key(),
+        ] {
+            pipe.cmd("PEXPIRE").arg(k).arg(self.keys.ttl_ms).ignore();
+        }
+        // Only into a meta hash that is there: one the relay lost is restored whole below.
+        pipe.cmd("HEXISTS").arg(channel.meta_key()).arg("begin");
+        let (lease, meta): (Option<String>, bool) = self.ctl.pipe(&pipe).await?;
+        if lease.as_deref() != Some(self.keys.lease.as_str()) {
+            self.keys.hold_lease(&mut self.ctl).await?;
+        }
+        if !meta {
+            self.keys.restore(&mut self.ctl).await?;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(channel.meta_key())
+            .arg("written")
+            .arg(bytes)
+            .arg("held")
+            .arg(self.shared.held.load(Ordering::Relaxed))
+            .arg("rate")
+            .arg(rate as u64)
+            .arg("active")
+            .arg(unix_ms())
+            .ignore();
+        self.ctl.pipe(&pipe).await
     }
 }
 

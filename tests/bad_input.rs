@@ -643,7 +643,8 @@ fn signal_mid_transfer(kind: RelayKind, target: Target, sig: i32, seed: u64) {
     let point = rand::rngs::StdRng::seed_from_u64(seed).random_range(1..data.len());
     let at = format!("signal {sig} to the {target:?} at byte {point} (seed {seed})");
     let mut writer = Proc::spawn(tube_at(&relay, &["write", channel, "--chunk-size", "64k"]));
-    let reader = Proc::spawn(tube_at(&relay, &["read", channel]));
+    // A reader waits --retry-for for a writer whose lease lapsed (it may be reconnecting).
+    let reader = Proc::spawn(tube_at(&relay, &["read", channel, "--retry-for", "2s"]));
     let mut admin = relay.admin();
     // The reader handles signals once it has registered.
     wait_until(Duration::from_secs(10), "the reader's registration", || {

@@ -166,8 +166,8 @@ relay_tests! {
         assert_eq!(write_all(&relay, "trim", &data, &["--max-backlog", "1M", "--chunk-size", "64k"]).code(), Some(0));
         assert_eq!(first.wait(Duration::from_secs(30)).stdout.len(), data.len());
         let late = read_all(&relay, "trim", &[]);
-        assert_eq!(late.code(), Some(5), "{}", late.stderr);
-        assert!(late.stderr.contains("--from oldest"), "{}", late.stderr);
+        assert_eq!(late.code(), Some(6), "{}", late.stderr);
+        assert!(late.stderr.contains("missing from byte 0") && late.stderr.contains("--from oldest"), "{}", late.stderr);
         assert!(late.stdout.is_empty());
         let oldest = read_all(&relay, "trim", &["--from", "oldest"]);
         assert_eq!(oldest.code(), Some(0), "{}", oldest.stderr);

@@ -173,7 +173,8 @@ relay_tests! {
     fn killed_writer_frees_the_channel_and_its_reader_reports_the_loss(kind) {
         let relay = TestRelay::start(kind);
         let mut writer = Proc::spawn(relay.tube(&["write", "cam"]));
-        let reader = Proc::spawn(relay.tube(&["read", "cam"]));
+        // A reader waits --retry-for for a writer whose lease lapsed (it may be reconnecting).
+        let reader = Proc::spawn(relay.tube(&["read", "cam", "--retry-for", "2s"]));
         let data = random_bytes(1_234_567, 11);
         writer.stdin().write_all(&data).unwrap();
         writer.stdin().flush().unwrap();
@@ -184,11 +185,7 @@ relay_tests! {
         });
         writer.signal(libc::SIGKILL);
         let killed = Instant::now();
-        let r = reader.wait(Duration::from_secs(30));
-        assert_eq!(r.code(), Some(4), "{}", r.stderr);
-        assert!(r.stderr.contains("writer of cam vanished after 1234567 bytes"), "{}", r.stderr);
-        assert_eq!(sha256(&r.stdout), sha256(&data));
-        // The channel is free again within 10 s of the kill.
+        // The channel is free again within 10 s of the kill (the lease lapses after 8 s).
         let mut retry = 0;
         loop {
             let w = write_all(&relay, "cam", b"again", &[]);
@@ -200,6 +197,12 @@ relay_tests! {
             std::thread::sleep(Duration::from_millis(250 + retry));
         }
         assert!(killed.elapsed() < Duration::from_secs(10));
+        // The reader learns it from the new writer's lease or session, or after its
+        // --retry-for, whichever comes first.
+        let r = reader.wait(Duration::from_secs(30));
+        assert_eq!(r.code(), Some(4), "{}", r.stderr);
+        assert!(r.stderr.contains("writer of cam vanished after 1234567 bytes"), "{}", r.stderr);
+        assert_eq!(sha256(&r.stdout), sha256(&data));
     }
 
     fn sigterm_on_the_writer_interrupts_the_session(kind) {
@@ -244,9 +247,9 @@ relay_tests! {
         let removed: u64 = redis::cmd("XDEL").arg("tube:{gap}:stream").arg("1-5").query(&mut admin).unwrap();
         assert_eq!(removed, 1);
         let r = read_all(&relay, "gap", &[]);
-        assert_eq!(r.code(), Some(5), "{}", r.stderr);
+        assert_eq!(r.code(), Some(6), "{}", r.stderr);
         assert!(r.stderr.contains("expected record 1-5, found 1-6"), "{}", r.stderr);
-        assert!(r.stderr.contains(&format!("data is missing from byte {prefix}")), "{}", r.stderr);
+        assert!(r.stderr.contains(&format!("data lost on channel gap: missing from byte {prefix}:")), "{}", r.stderr);
         assert_eq!(r.stdout, &data[..prefix], "everything before the gap is written out");
     }
 
@@ -256,7 +259,7 @@ relay_tests! {
         let mut admin = relay.admin();
         let _: () = redis::cmd("DEL").arg("tube:{gone}:stream").query(&mut admin).unwrap();
         let r = read_all(&relay, "gone", &[]);
-        assert_eq!(r.code(), Some(5), "{}", r.stderr);
+        assert_eq!(r.code(), Some(6), "{}", r.stderr);
         assert!(r.stderr.contains("session 1 is no longer on the relay"), "{}", r.stderr);
         assert!(r.stdout.is_empty());
     }

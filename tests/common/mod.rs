@@ -31,6 +31,7 @@ pub struct TestRelay {
     child: Option<Child>,
     dir: tempfile::TempDir,
     password: Option<String>,
+    spec: RelaySpec,
 }
 
 /// Options for starting a relay.
@@ -42,6 +43,85 @@ pub struct RelaySpec {
     /// The relay listens with TLS only (the extra arguments configure it); readiness is
     /// then judged by the process staying up once the port accepts.
     pub tls: bool,
+}
+
+/// The command that runs a relay of `kind` on `port`, keeping its files and log in `dir`.
+fn relay_command(kind: RelayKind, spec: &RelaySpec, port: u16, dir: &std::path::Path) -> Command {
+    let log = dir.join("relay.log");
+    match kind {
+        RelayKind::Redis => {
+            let mut c = Command::new("redis-server");
+            if spec.tls {
+                c.args(["--port", "0", "--tls-port", &port.to_string()]);
+            } else {
+                c.args(["--port", &port.to_string()]);
+            }
+            c.args(["--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir)
+                .arg("--logfile")
+                .arg(&log);
+            if let Some(pw) = &spec.password {
+                c.args(["--requirepass", pw]);
+            }
+            c.args(&spec.extra);
+            c.stdout(Stdio::null()).stderr(Stdio::null());
+            c
+        }
+        RelayKind::Tube => {
+            let mut c = Command::new(tube_bin());
+            c.args(["relay", "--listen", &format!("127.0.0.1:{port}")]);
+            c.args(&spec.extra);
+            c.env_remove("TUBE_RELAY_PASSWORD");
+            if let Some(pw) = &spec.password {
+                c.env("TUBE_RELAY_PASSWORD", pw);
+            }
+            let logf = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("log file");
+            c.stdout(Stdio::null()).stderr(logf);
+            c
+        }
+    }
+}
+
+/// Waits until the relay just spawned serves `port`; `None` (and the child killed) if it
+/// does not within 10 s.
+fn await_relay(
+    kind: RelayKind,
+    child: std::io::Result<Child>,
+    port: u16,
+    spec: &RelaySpec,
+) -> Option<Child> {
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if kind == RelayKind::Redis && e.kind() == std::io::ErrorKind::NotFound => {
+            panic!(
+                "redis-server is not installed: run `apt-get install -y redis-server` (CI's .ci/run does)"
+            )
+        }
+        Err(e) => panic!("cannot start {kind:?} relay: {e}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Another test may have taken the same free port a moment earlier: the relay that
+        // answers must be this one, by its process ID.
+        if serves(port, child.id(), spec.password.as_deref(), spec.tls) {
+            return Some(child);
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return None;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether the relay on `port` is the process `pid` and answers.
@@ -93,75 +173,40 @@ impl TestRelay {
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("temp dir");
             let port = free_port();
-            let log = dir.path().join("relay.log");
-            let mut cmd = match kind {
-                RelayKind::Redis => {
-                    let mut c = Command::new("redis-server");
-                    if spec.tls {
-                        c.args(["--port", "0", "--tls-port", &port.to_string()]);
-                    } else {
-                        c.args(["--port", &port.to_string()]);
-                    }
-                    c.args(["--bind", "127.0.0.1"])
-                        .args(["--save", "", "--appendonly", "no"])
-                        .arg("--dir")
-                        .arg(dir.path())
-                        .arg("--logfile")
-                        .arg(&log);
-                    if let Some(pw) = &spec.password {
-                        c.args(["--requirepass", pw]);
-                    }
-                    c.args(&spec.extra);
-                    c.stdout(Stdio::null()).stderr(Stdio::null());
-                    c
-                }
-                RelayKind::Tube => {
-                    let mut c = Command::new(tube_bin());
-                    c.args(["relay", "--listen", &format!("127.0.0.1:{port}")]);
-                    c.args(&spec.extra);
-                    c.env_remove("TUBE_RELAY_PASSWORD");
-                    if let Some(pw) = &spec.password {
-                        c.env("TUBE_RELAY_PASSWORD", pw);
-                    }
-                    let logf = std::fs::File::create(&log).expect("log file");
-                    c.stdout(Stdio::null()).stderr(logf);
-                    c
-                }
-            };
-            let mut child = match cmd.spawn() {
-                Ok(c) => c,
-                Err(e) if kind == RelayKind::Redis && e.kind() == std::io::ErrorKind::NotFound => {
-                    panic!(
-                        "redis-server is not installed: run `apt-get install -y redis-server` (CI's .ci/run does)"
-                    )
-                }
-                Err(e) => panic!("cannot start {kind:?} relay: {e}"),
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                // Another test may have taken the same free port a moment earlier: the relay
-                // that answers must be this one, by its process ID.
-                if serves(port, child.id(), spec.password.as_deref(), spec.tls) {
-                    return Self {
-                        kind,
-                        port,
-                        child: Some(child),
-                        dir,
-                        password: spec.password.clone(),
-                    };
-                }
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            let child = relay_command(kind, &spec, port, dir.path()).spawn();
+            if let Some(child) = await_relay(kind, child, port, &spec) {
+                return Self {
+                    kind,
+                    port,
+                    child: Some(child),
+                    dir,
+                    password: spec.password.clone(),
+                    spec,
+                };
             }
-            last_log = std::fs::read_to_string(&log).unwrap_or_default();
+            last_log = std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default();
         }
         panic!("the {kind:?} relay did not start; its log:\n{last_log}");
+    }
+
+    /// Kills the relay and starts it again on the same port and directory, as a crash and
+    /// restart would: connections drop, and the data is gone unless the relay persists it.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let child = relay_command(self.kind, &self.spec, self.port, self.dir.path()).spawn();
+            if let Some(child) = await_relay(self.kind, child, self.port, &self.spec) {
+                self.child = Some(child);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not restart:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The relay's URL, without credentials (tests pass the password in TUBE_PASSWORD).

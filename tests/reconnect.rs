@@ -1,0 +1,346 @@
+//! Connection faults mid-stream: cuts, stalls, relay restarts and data the relay loses. A
+//! writer and its readers must come back and go on with nothing lost, repeated or
+//! reordered, report exactly what the relay lost, and give up clearly when the relay stays
+//! away longer than `--retry-for`.
+
+mod common;
+
+use common::faults::{Direction, FaultProxy};
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A `tube` command that reaches `relay` through `proxy`.
+fn via(relay: &TestRelay, proxy: &FaultProxy, args: &[&str]) -> Command {
+    let mut c = relay.tube(args);
+    c.env("TUBE_URL", proxy.url());
+    c
+}
+
+/// The offset the channel's (single) reader last reported: the bytes it has fetched.
+fn reader_offset(admin: &mut redis::Connection, channel: &str) -> Option<u64> {
+    let ids: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("tube:{{{channel}}}:readers"))
+        .query(admin)
+        .ok()?;
+    let id = ids.first()?;
+    let pos: Option<String> = redis::cmd("GET")
+        .arg(format!("tube:{{{channel}}}:reader:{id}"))
+        .query(admin)
+        .ok()?;
+    pos?.split_once(' ')?.1.parse().ok()
+}
+
+fn wait_registered(relay: &TestRelay, channel: &str) {
+    let mut admin = relay.admin();
+    wait_until(Duration::from_secs(10), "the reader's registration", || {
+        redis::cmd("HLEN")
+            .arg(format!("tube:{{{channel}}}:readers"))
+            .query::<u64>(&mut admin)
+            .unwrap_or(0)
+            > 0
+    });
+}
+
+/// The byte from which a reader says the relay lost `channel`'s data.
+fn lost_at(stderr: &str, channel: &str) -> usize {
+    let prefix = format!("data lost on channel {channel}: missing from byte ");
+    let at = stderr
+        .find(&prefix)
+        .unwrap_or_else(|| panic!("no loss reported: {stderr}"));
+    let rest = &stderr[at + prefix.len()..];
+    rest[..rest.find(':').expect("a colon after the byte")]
+        .parse()
+        .expect("a byte offset")
+}
+
+/// Lines that announce an outage.
+fn outages(stderr: &str) -> usize {
+    stderr.matches("; reconnecting for up to").count()
+}
+
+/// Feeds `data` to the process's stdin from a thread, then closes it.
+fn feed(proc: &mut Proc, data: std::sync::Arc<Vec<u8>>) -> std::thread::JoinHandle<()> {
+    let mut stdin = proc.child.stdin.take().expect("stdin");
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    })
+}
+
+relay_tests! {
+    fn twenty_cuts_in_256_mib_change_nothing(kind) {
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        let size = 256usize << 20;
+        let data = std::sync::Arc::new(random_bytes(size, 71));
+        let (reader, hashed) = Proc::spawn_hashing(via(&relay, &proxy, &["read", "cuts"]));
+        wait_registered(&relay, "cuts");
+        let mut writer = Proc::spawn(via(&relay, &proxy, &["write", "cuts"]));
+        let feeder = feed(&mut writer, data.clone());
+        // Cut every connection when the bytes sent towards the relay pass each of 20 random
+        // points (resent bytes count too, so every point is passed before the writer ends).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(72);
+        let mut points: Vec<u64> =
+            (0..20).map(|_| rng.random_range(size as u64 / 50..size as u64 * 49 / 50)).collect();
+        points.sort_unstable();
+        let started = Instant::now();
+        for p in &points {
+            while proxy.forwarded(Direction::Up) < *p {
+                assert!(started.elapsed() < Duration::from_secs(240), "stuck before byte {p}");
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            proxy.cut();
+        }
+        feeder.join().unwrap();
+        let w = writer.wait(Duration::from_secs(240));
+        let r = reader.wait(Duration::from_secs(240));
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        let (digest, len) = hashed.join().unwrap();
+        assert_eq!(len, size as u64);
+        assert_eq!(digest, sha256(&data), "the output differs from the input");
+        // Each outage is announced once (the writer's two connections may each notice one).
+        for (who, out) in [("writer", &w), ("reader", &r)] {
+            let n = outages(&out.stderr);
+            assert!((1..=2 * points.len()).contains(&n), "{who} announced {n} outages:\n{}", out.stderr);
+        }
+    }
+
+    fn a_five_second_stall_is_waited_out(kind) {
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        let data = random_bytes(8 << 20, 73);
+        let half = data.len() / 2;
+        let reader = Proc::spawn(via(&relay, &proxy, &["read", "stall"]));
+        wait_registered(&relay, "stall");
+        let mut writer = Proc::spawn(via(&relay, &proxy, &["write", "stall"]));
+        writer.stdin().write_all(&data[..half]).unwrap();
+        writer.stdin().flush().unwrap();
+        let mut admin = relay.admin();
+        wait_until(Duration::from_secs(20), "the first half read", || {
+            reader_offset(&mut admin, "stall") == Some(half as u64)
+        });
+        proxy.stall(Duration::from_secs(5));
+        let stalled = Instant::now();
+        writer.stdin().write_all(&data[half..]).unwrap();
+        writer.close_stdin();
+        let w = writer.wait(Duration::from_secs(60));
+        let r = reader.wait(Duration::from_secs(60));
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        assert!(stalled.elapsed() >= Duration::from_secs(5), "the stall did not hold the transfer");
+        assert!(r.stdout == data, "the output differs from the input");
+        // Shorter than the command timeout: waited out on the same connections.
+        assert_eq!(outages(&w.stderr) + outages(&r.stderr), 0, "{}\n{}", w.stderr, r.stderr);
+    }
+
+    fn a_stall_longer_than_the_command_timeout_replaces_the_connections(kind) {
+        // The stalled connections' requests are delivered when the stall ends, after the
+        // new connections have sent them again: the stream IDs make the late copies no-ops.
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        let data = random_bytes(16 << 20, 78);
+        let (reader, hashed) = Proc::spawn_hashing(via(&relay, &proxy, &["read", "long"]));
+        wait_registered(&relay, "long");
+        let mut writer = Proc::spawn(via(&relay, &proxy, &["write", "long"]));
+        writer.stdin().write_all(&data[..4 << 20]).unwrap();
+        writer.stdin().flush().unwrap();
+        let mut admin = relay.admin();
+        wait_until(Duration::from_secs(20), "the first part on the relay", || {
+            stored_payload(&mut admin, "long") == 4 << 20
+        });
+        // Writes queued while stalled: the relay gets them only when the stall ends.
+        proxy.stall(Duration::from_secs(20));
+        let feeder = feed(&mut writer, std::sync::Arc::new(data[4 << 20..].to_vec()));
+        feeder.join().unwrap();
+        let w = writer.wait(Duration::from_secs(90));
+        let r = reader.wait(Duration::from_secs(90));
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        let (digest, len) = hashed.join().unwrap();
+        assert_eq!((digest, len), (sha256(&data), data.len() as u64), "the output differs");
+        assert!(w.stderr.contains("timed out") || w.stderr.contains("timeout"), "{}", w.stderr);
+        assert!(w.stderr.contains("reconnected"), "{}", w.stderr);
+    }
+
+    fn a_relay_restarted_without_its_data_is_reported_from_the_exact_byte(kind) {
+        lost_mid_session(kind, Disaster::Restart);
+    }
+
+    fn a_flushed_relay_is_reported_from_the_exact_byte(kind) {
+        lost_mid_session(kind, Disaster::Flush);
+    }
+
+    fn a_deleted_stream_is_reported_from_the_exact_byte(kind) {
+        lost_mid_session(kind, Disaster::DeleteStream);
+    }
+
+    fn a_finished_session_the_relay_lost_is_reported_not_called_vanished(kind) {
+        let relay = TestRelay::start(kind);
+        // The second part is more than one read's worth, so the relay cannot have handed all
+        // of it to the stopped reader.
+        let data = random_bytes(10 << 20, 75);
+        let first = 1 << 20;
+        let reader = Proc::spawn(relay.tube(&["read", "gone", "--retry-for", "2s"]));
+        wait_registered(&relay, "gone");
+        let mut writer = Proc::spawn(relay.tube(&["write", "gone", "--chunk-size", "64k"]));
+        writer.stdin().write_all(&data[..first]).unwrap();
+        writer.stdin().flush().unwrap();
+        let mut admin = relay.admin();
+        wait_until(Duration::from_secs(20), "the first part read", || {
+            reader_offset(&mut admin, "gone") == Some(first as u64)
+        });
+        reader.signal(libc::SIGSTOP);
+        writer.stdin().write_all(&data[first..]).unwrap();
+        writer.close_stdin();
+        assert_eq!(writer.wait(Duration::from_secs(30)).code(), Some(0));
+        let mut relay = relay;
+        relay.restart();
+        reader.signal(libc::SIGCONT);
+        let r = reader.wait(Duration::from_secs(60));
+        assert_eq!(r.code(), Some(6), "{}", r.stderr);
+        let at = lost_at(&r.stderr, "gone");
+        assert!((first..data.len()).contains(&at), "lost from byte {at}: {}", r.stderr);
+        assert!(r.stdout == data[..at], "the reader wrote {} bytes, lost from {at}", r.stdout.len());
+        assert!(r.stderr.contains("the relay no longer holds record"), "{}", r.stderr);
+    }
+
+    fn a_relay_down_longer_than_retry_for_is_a_clear_error(kind) {
+        let mut relay = TestRelay::start(kind);
+        let reader = Proc::spawn(relay.tube(&["read", "down", "--retry-for", "2s"]));
+        wait_registered(&relay, "down");
+        let mut writer = Proc::spawn(relay.tube(&["write", "down", "--retry-for", "2s"]));
+        writer.stdin().write_all(&[7u8; 100_000]).unwrap();
+        writer.stdin().flush().unwrap();
+        let mut admin = relay.admin();
+        wait_until(Duration::from_secs(20), "the data read", || {
+            reader_offset(&mut admin, "down") == Some(100_000)
+        });
+        relay.kill();
+        let killed = Instant::now();
+        writer.stdin().write_all(&[8u8; 100_000]).unwrap();
+        let w = writer.wait_open(Duration::from_secs(30));
+        let r = reader.wait(Duration::from_secs(30));
+        assert!(killed.elapsed() < Duration::from_secs(25), "took {:?}", killed.elapsed());
+        for (who, out) in [("writer", &w), ("reader", &r)] {
+            assert_eq!(out.code(), Some(1), "{who}: {}", out.stderr);
+            assert!(
+                out.stderr.contains("could not reconnect within 2 s"),
+                "{who}: {}",
+                out.stderr
+            );
+            assert_eq!(outages(&out.stderr), 1, "{who} should say it once:\n{}", out.stderr);
+            assert!(!out.stderr.contains("panicked"), "{who}: {}", out.stderr);
+        }
+    }
+}
+
+#[test]
+fn a_redis_restarted_with_persistence_loses_nothing() {
+    let spec = RelaySpec {
+        extra: ["--appendonly", "yes", "--appendfsync", "always"]
+            .map(String::from)
+            .to_vec(),
+        ..RelaySpec::default()
+    };
+    let mut relay = TestRelay::start_with(RelayKind::Redis, spec);
+    let data = random_bytes(8 << 20, 76);
+    let half = data.len() / 2;
+    let reader = Proc::spawn(relay.tube(&["read", "kept"]));
+    wait_registered(&relay, "kept");
+    let mut writer = Proc::spawn(relay.tube(&["write", "kept"]));
+    writer.stdin().write_all(&data[..half]).unwrap();
+    writer.stdin().flush().unwrap();
+    let mut admin = relay.admin();
+    wait_until(
+        Duration::from_secs(20),
+        "the first half on the relay",
+        || stored_payload(&mut admin, "kept") == half as u64,
+    );
+    relay.restart();
+    writer.stdin().write_all(&data[half..]).unwrap();
+    writer.close_stdin();
+    let w = writer.wait(Duration::from_secs(60));
+    let r = reader.wait(Duration::from_secs(60));
+    assert_eq!(w.code(), Some(0), "{}", w.stderr);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    assert!(r.stdout == data, "the output differs from the input");
+    assert!(
+        r.stderr.contains("reconnected to the relay"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Disaster {
+    /// The relay restarts with nothing.
+    Restart,
+    /// FLUSHALL.
+    Flush,
+    /// The channel's stream key is deleted.
+    DeleteStream,
+}
+
+/// The relay loses records a stopped reader has not read while the writer goes on: the
+/// reader writes out exactly what it had and names the first missing byte; the writer
+/// carries on.
+fn lost_mid_session(kind: RelayKind, disaster: Disaster) {
+    let mut relay = TestRelay::start(kind);
+    // The second part is more than one read's worth, so the relay cannot have handed all of
+    // it to the stopped reader.
+    let data = random_bytes(12 << 20, 74);
+    let (a1, a2) = (1 << 20, 10 << 20);
+    let reader = Proc::spawn(relay.tube(&["read", "lossy", "--retry-for", "10s"]));
+    wait_registered(&relay, "lossy");
+    let mut writer = Proc::spawn(relay.tube(&["write", "lossy", "--chunk-size", "64k"]));
+    writer.stdin().write_all(&data[..a1]).unwrap();
+    writer.stdin().flush().unwrap();
+    let mut admin = relay.admin();
+    wait_until(Duration::from_secs(20), "the first part read", || {
+        reader_offset(&mut admin, "lossy") == Some(a1 as u64)
+    });
+    reader.signal(libc::SIGSTOP);
+    writer.stdin().write_all(&data[a1..a2]).unwrap();
+    writer.stdin().flush().unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the second part on the relay",
+        || stored_payload(&mut admin, "lossy") == a2 as u64,
+    );
+    match disaster {
+        Disaster::Restart => relay.restart(),
+        Disaster::Flush => redis::cmd("FLUSHALL").exec(&mut admin).unwrap(),
+        Disaster::DeleteStream => redis::cmd("DEL")
+            .arg("tube:{lossy}:stream")
+            .exec(&mut admin)
+            .unwrap(),
+    }
+    reader.signal(libc::SIGCONT);
+    writer.stdin().write_all(&data[a2..]).unwrap();
+    writer.close_stdin();
+    let w = writer.wait(Duration::from_secs(60));
+    let r = reader.wait(Duration::from_secs(60));
+    assert_eq!(w.code(), Some(0), "{disaster:?}: {}", w.stderr);
+    assert_eq!(r.code(), Some(6), "{disaster:?}: {}", r.stderr);
+    // The relay may have answered a read of the stopped reader with a little of the second
+    // part before the loss: the reader names the byte where its data ends.
+    let at = lost_at(&r.stderr, "lossy");
+    assert!(
+        (a1..a2).contains(&at),
+        "{disaster:?}: lost from byte {at}: {}",
+        r.stderr
+    );
+    assert!(
+        r.stdout == data[..at],
+        "{disaster:?}: the reader wrote {} bytes, lost from {at}",
+        r.stdout.len()
+    );
+    // The channel still works.
+    let again = random_bytes(10_000, 77);
+    let w = write_all(&relay, "lossy", &again, &[]);
+    assert_eq!(w.code(), Some(0), "{disaster:?}: {}", w.stderr);
+    assert_eq!(read_all(&relay, "lossy", &[]).stdout, again);
+}
