@@ -374,7 +374,7 @@ relay_tests! {
         };
         let cases: Vec<(&str, Edit, i32)> = vec![
             ("flip a byte", Box::new(|mut e| { let last = e[1].1.len() - 1; e[1].1[last] ^= 1; e }), 5),
-            ("drop a record", Box::new(|mut e| { e.remove(2); e }), 5),
+            ("drop a record", Box::new(|mut e| { e.remove(2); e }), 6),
             ("swap two", Box::new(|mut e| { let (a, b) = (e[1].1.clone(), e[2].1.clone()); e[1].1 = b; e[2].1 = a; e }), 5),
             ("replay one", Box::new(|mut e| { e[3].1 = e[2].1.clone(); e }), 5),
             ("truncate before the end", Box::new(|mut e| { e.truncate(e.len() - 2); e }), 4),
