@@ -22,6 +22,7 @@ pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>>
             "stdin is a directory",
         ));
     }
+    grow_pipe(&input);
     let (tx, rx) = mpsc::channel(4);
     std::thread::Builder::new()
         .name("stdin".into())
@@ -57,6 +58,7 @@ pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>>
 pub fn write_stdout() -> io::Result<(mpsc::Sender<Bytes>, tokio::task::JoinHandle<io::Result<()>>)>
 {
     let mut output = File::from(io::stdout().as_fd().try_clone_to_owned()?);
+    grow_pipe(&output);
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let handle = tokio::task::spawn_blocking(move || {
         let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
@@ -75,6 +77,20 @@ pub fn write_stdout() -> io::Result<(mpsc::Sender<Bytes>, tokio::task::JoinHandl
         output.flush()
     });
     Ok((tx, handle))
+}
+
+/// Size asked for a pipe on stdin or stdout.
+const PIPE_SIZE: usize = 1 << 20;
+
+/// Enlarges `file`'s pipe, if it is one, so that reads and writes move more per system call
+/// and wake the other side less often. Best effort: the pipe stays as it is when the system
+/// refuses (`fs.pipe-max-size`, the per-user pipe budget).
+fn grow_pipe(file: &File) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_pipe = file.metadata().is_ok_and(|m| m.file_type().is_fifo());
+    if is_pipe && rustix::pipe::fcntl_getpipe_size(file).is_ok_and(|n| n < PIPE_SIZE) {
+        let _ = rustix::pipe::fcntl_setpipe_size(file, PIPE_SIZE);
+    }
 }
 
 /// Pieces written with one vectored write at most.
