@@ -34,11 +34,7 @@ const EXIT_CORRUPT: u8 = 5;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.common);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(&cli.command) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tube: cannot start: {e}");
@@ -55,6 +51,23 @@ fn main() -> ExitCode {
             ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// The async runtime for `command`. `tube write` and `tube read` run on one thread: their
+/// tasks (the caller's loop, the sender or fetcher, the client library's connection driver)
+/// hand every record on to the next, and on one thread a hand-off is a function call rather
+/// than a wake-up of another thread. stdin and stdout have threads of their own anyway. The
+/// relay serves many clients and gets two worker threads.
+fn runtime(command: &Command) -> io::Result<tokio::runtime::Runtime> {
+    let mut builder = match command {
+        Command::Relay(_) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    builder.enable_all().build()
 }
 
 fn exit_status(e: &Error) -> u8 {
