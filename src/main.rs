@@ -360,7 +360,7 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
         r = Reader::open(&relay, &channel, opts) => r?,
         _ = stop.cancelled() => return Ok(signal_exit(&signal_status)),
     };
-    let (output, written) = stdio::write_stdout()?;
+    let mut output = stdio::Stdout::open()?;
     let progress = args.progress.enabled(io::stderr().is_terminal()).then(|| {
         let shared = reader.progress_handle();
         Progress::start(move || {
@@ -385,8 +385,8 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
         };
         match next {
             Ok(Some(data)) => {
-                if output.send(data).await.is_err() {
-                    // The writing thread stopped: its result says why.
+                if !output.send(data).await {
+                    // Writing failed: `finish` says why.
                     break Ok(());
                 }
             }
@@ -394,24 +394,22 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
             Err(e) => break Err(e),
         }
     };
-    drop(output);
     if let Some(p) = progress {
         p.finish();
     }
     // Everything received is written out before any stream error is reported.
-    let closed = written.await;
+    let closed = output.finish().await;
     reader.close().await;
     match closed {
-        Ok(Ok(())) => {}
+        Ok(()) => {}
         // `| head -c 100`: the consumer has all it wants. Quietly done, as Unix tools are.
-        Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
-        Ok(Err(e)) => {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
+        Err(e) => {
             return Err(Error::Io(io::Error::new(
                 e.kind(),
                 format!("writing stdout: {e}"),
             )));
         }
-        Err(e) => return Err(Error::Io(io::Error::other(e))),
     }
     outcome.map(|()| ExitCode::SUCCESS)
 }

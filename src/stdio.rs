@@ -9,6 +9,8 @@ use bytes::{Bytes, BytesMut};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 
 /// Starts reading stdin in pieces of at most `chunk` bytes. The receiver yields each read as
@@ -53,31 +55,108 @@ pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>>
     Ok(rx)
 }
 
-/// Starts a stdout writer. Send it pieces; drop the sender and await the handle to learn how
-/// writing ended.
-pub fn write_stdout() -> io::Result<(mpsc::Sender<Bytes>, tokio::task::JoinHandle<io::Result<()>>)>
-{
-    let mut output = File::from(io::stdout().as_fd().try_clone_to_owned()?);
-    grow_pipe(&output);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
-    let handle = tokio::task::spawn_blocking(move || {
-        let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
-        while let Some(piece) = rx.blocking_recv() {
-            // Whatever else is already queued goes out in the same system call.
-            batch.push(piece);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(more) => batch.push(more),
-                    Err(_) => break,
-                }
-            }
-            write_all_vectored(&mut output, &batch)?;
-            batch.clear();
-        }
-        output.flush()
-    });
-    Ok((tx, handle))
+/// stdout for the reader. A piece goes out at once on the caller's thread when stdout is a
+/// pipe with room for it, so that the write cannot block: a small message then reaches the
+/// consumer without waking another thread. Otherwise (a full pipe, a file, a terminal) it is
+/// handed to a thread of its own, which batches what is queued into vectored writes, so a
+/// stalled consumer never blocks the caller. Bytes leave in the order they were sent.
+pub struct Stdout {
+    file: Arc<File>,
+    /// Capacity of stdout's pipe; `None` when stdout is not a pipe.
+    pipe: Option<usize>,
+    /// Pieces handed to the thread and not yet written: while there are any, pieces must
+    /// queue behind them.
+    queued: Arc<AtomicUsize>,
+    tx: mpsc::Sender<Bytes>,
+    thread: tokio::task::JoinHandle<io::Result<()>>,
+    /// The error of a write on the caller's thread.
+    failed: Option<io::Error>,
 }
+
+impl Stdout {
+    /// Opens stdout (a duplicate of file descriptor 1).
+    pub fn open() -> io::Result<Self> {
+        let file = Arc::new(File::from(io::stdout().as_fd().try_clone_to_owned()?));
+        let pipe = grow_pipe(&file);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+        let (output, done) = (file.clone(), queued.clone());
+        let thread = tokio::task::spawn_blocking(move || {
+            let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
+            while let Some(piece) = rx.blocking_recv() {
+                // Whatever else is already queued goes out in the same system call.
+                batch.push(piece);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                write_all_vectored(&mut &*output, &batch)?;
+                done.fetch_sub(batch.len(), Ordering::AcqRel);
+                batch.clear();
+            }
+            Ok(())
+        });
+        Ok(Self {
+            file,
+            pipe,
+            queued,
+            tx,
+            thread,
+            failed: None,
+        })
+    }
+
+    /// Writes `piece`, or queues it for the writing thread. Returns `false` once writing has
+    /// failed; [`Stdout::finish`] then says why.
+    pub async fn send(&mut self, piece: Bytes) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        if self.queued.load(Ordering::Acquire) == 0 && self.has_room(piece.len()) {
+            return match write_all_vectored(&mut &*self.file, &[piece]) {
+                Ok(()) => true,
+                Err(e) => {
+                    self.failed = Some(e);
+                    false
+                }
+            };
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        self.tx.send(piece).await.is_ok()
+    }
+
+    /// Whether stdout is a pipe that takes `len` more bytes without blocking. A pipe holds
+    /// its bytes in pages, which writes may fill only partly (at worst about half): count
+    /// what is unread twice, and a few pages of slack.
+    fn has_room(&self, len: usize) -> bool {
+        let Some(size) = self.pipe else {
+            return false;
+        };
+        rustix::io::ioctl_fionread(&*self.file).is_ok_and(|unread| {
+            let unread = usize::try_from(unread).unwrap_or(usize::MAX);
+            unread
+                .saturating_mul(2)
+                .saturating_add(len)
+                .saturating_add(3 * PAGE)
+                <= size
+        })
+    }
+
+    /// Waits until everything sent is written; the first error of writing, if any.
+    pub async fn finish(self) -> io::Result<()> {
+        drop(self.tx);
+        let threaded = self.thread.await.map_err(io::Error::other)?;
+        match self.failed {
+            Some(e) => Err(e),
+            None => threaded,
+        }
+    }
+}
+
+/// A pipe's unit of storage.
+const PAGE: usize = 4096;
 
 /// Size asked for a pipe on stdin or stdout.
 const PIPE_SIZE: usize = 1 << 20;
@@ -85,12 +164,17 @@ const PIPE_SIZE: usize = 1 << 20;
 /// Enlarges `file`'s pipe, if it is one, so that reads and writes move more per system call
 /// and wake the other side less often. Best effort: the pipe stays as it is when the system
 /// refuses (`fs.pipe-max-size`, the per-user pipe budget).
-fn grow_pipe(file: &File) {
+/// Returns the pipe's size, or `None` when `file` is not a pipe.
+fn grow_pipe(file: &File) -> Option<usize> {
     use std::os::unix::fs::FileTypeExt;
-    let is_pipe = file.metadata().is_ok_and(|m| m.file_type().is_fifo());
-    if is_pipe && rustix::pipe::fcntl_getpipe_size(file).is_ok_and(|n| n < PIPE_SIZE) {
-        let _ = rustix::pipe::fcntl_setpipe_size(file, PIPE_SIZE);
+    if !file.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        return None;
     }
+    let size = rustix::pipe::fcntl_getpipe_size(file).ok()?;
+    if size >= PIPE_SIZE {
+        return Some(size);
+    }
+    Some(rustix::pipe::fcntl_setpipe_size(file, PIPE_SIZE).unwrap_or(size))
 }
 
 /// Pieces written with one vectored write at most.
