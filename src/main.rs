@@ -256,7 +256,7 @@ async fn write(common: &Common, args: WriteArgs) -> Result<ExitCode, Error> {
         zstd_level: args.compress,
         secret: secret(&args.secret)?,
     };
-    let mut input = stdio::read_stdin(opts.max_payload())?;
+    let mut input = stdio::Stdin::open(opts.max_payload())?;
     let writer = tokio::select! {
         w = Writer::start(&relay, &channel, opts) => w?,
         _ = stop.cancelled() => return Ok(signal_exit(&signal_status)),
@@ -293,7 +293,7 @@ enum Pumped {
 
 async fn pump_stdin(
     mut writer: Writer,
-    input: &mut tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
+    input: &mut stdio::Stdin,
     stop: &CancellationToken,
     channel: &Channel,
 ) -> Result<Pumped, Error> {
@@ -301,7 +301,7 @@ async fn pump_stdin(
         let piece = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            piece = input.recv() => piece,
+            piece = input.next() => piece,
         };
         match piece {
             None => {
@@ -330,7 +330,7 @@ async fn pump_stdin(
         }
     }
     // Stopped by a signal: send what was already read, then mark the session interrupted.
-    while let Ok(Ok(data)) = input.try_recv() {
+    while let Some(Ok(data)) = input.try_next() {
         writer.send(data).await?;
     }
     let summary = writer.interrupt().await?;
