@@ -486,6 +486,11 @@ impl Fetcher {
             if let Step::Done = self.handle_all(entries).await? {
                 return Ok(());
             }
+            if !self.behind {
+                // Caught up: let the consumer take what just arrived before the next request
+                // goes out, so a message reaches stdout first. (Behind, fetch first.)
+                tokio::task::yield_now().await;
+            }
         }
     }
 

@@ -1,49 +1,157 @@
-//! stdin and stdout for the binary, on threads of their own.
+//! stdin and stdout for the binary.
 //!
 //! Reads and writes go straight to file descriptors 0 and 1 (duplicated), with no buffer in
-//! between: data moves as soon as it can, and large blocks cost one system call. stdin lives
-//! on a plain thread because a blocking read cannot be cancelled; the process exits without
-//! waiting for it.
+//! between: data moves as soon as it can, and large blocks cost one system call. Pipes are
+//! read and written on the caller's thread when that cannot block, so that a small message
+//! wakes no other thread; otherwise threads of their own do the blocking reads and writes.
 
 use bytes::{Bytes, BytesMut};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::Interest;
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-/// Starts reading stdin in pieces of at most `chunk` bytes. The receiver yields each read as
-/// soon as it returns, then closes at end of input.
-pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>> {
-    let mut input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
-    // Found before the session starts, so that the channel's latest session is not replaced.
-    if input.metadata()?.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::IsADirectory,
-            "stdin is a directory",
-        ));
+/// stdin for the writer, read in pieces of at most a record's payload. A pipe is read on the
+/// caller's thread when the runtime reports it readable, so a small message reaches the
+/// sender without waking another thread; anything else (a file, a terminal) is read by a
+/// thread of its own, since a blocking read cannot be cancelled (the process exits without
+/// waiting for that thread).
+pub enum Stdin {
+    /// A pipe, read when readable.
+    Pipe(PipeStdin),
+    /// Reads handed over by the stdin thread.
+    Thread(mpsc::Receiver<io::Result<Bytes>>),
+}
+
+impl Stdin {
+    /// Opens stdin (a duplicate of file descriptor 0) for reads of at most `chunk` bytes.
+    ///
+    /// # Errors
+    /// stdin is a directory (found before the session starts, so that the channel's latest
+    /// session is not replaced), or cannot be duplicated.
+    pub fn open(chunk: usize) -> io::Result<Self> {
+        let input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+        if input.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "stdin is a directory",
+            ));
+        }
+        if grow_pipe(&input).is_some() {
+            // Left in blocking mode (other processes may share the pipe): see `PipeStdin`.
+            return Ok(Self::Pipe(PipeStdin {
+                rx: pipe::Receiver::from_file_unchecked(input)?,
+                buf: BytesMut::new(),
+                chunk,
+                ended: false,
+            }));
+        }
+        read_on_thread(input, chunk).map(Self::Thread)
     }
+
+    /// The next piece as soon as there is one; `None` at the end of input.
+    pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        match self {
+            Self::Pipe(p) => p.next().await,
+            Self::Thread(rx) => rx.recv().await,
+        }
+    }
+
+    /// A piece already read, without waiting.
+    pub fn try_next(&mut self) -> Option<io::Result<Bytes>> {
+        match self {
+            Self::Pipe(_) => None,
+            Self::Thread(rx) => rx.try_recv().ok(),
+        }
+    }
+}
+
+/// A pipe on stdin, read when the runtime reports it readable. The descriptor stays in
+/// blocking mode, since the pipe may be shared with other processes that do not expect
+/// otherwise: a read takes only what the pipe holds, or happens once the pipe has no writer
+/// left, so that it returns at once.
+pub struct PipeStdin {
+    rx: pipe::Receiver,
+    buf: BytesMut,
+    chunk: usize,
+    ended: bool,
+}
+
+impl PipeStdin {
+    async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        while !self.ended {
+            let closed = match self.rx.ready(Interest::READABLE).await {
+                Ok(ready) => ready.is_read_closed(),
+                Err(e) => return Some(Err(e)),
+            };
+            let (rx, buf, chunk) = (&self.rx, &mut self.buf, self.chunk);
+            // Inside `try_io`, so that "would block" forgets only readiness seen before the
+            // pipe was found empty.
+            let read = rx.try_io(|| {
+                let unread = usize::try_from(rustix::io::ioctl_fionread(rx)?).unwrap_or(chunk);
+                if unread == 0 && !closed {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                let want = unread.clamp(1, chunk);
+                read_piece(buf, want, |b| Ok(rustix::io::read(rx, b)?))
+            });
+            match read {
+                Ok(Some(piece)) => return Some(Ok(piece)),
+                Ok(None) => self.ended = true,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        None
+    }
+}
+
+/// Reads at most `want` bytes with `read` into `buf` and splits them off; `None` at the end
+/// of input. What a read does not fill is still zeroed and stays in `buf`: only the bytes
+/// handed on are zeroed again.
+fn read_piece(
+    buf: &mut BytesMut,
+    want: usize,
+    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+) -> io::Result<Option<Bytes>> {
+    if buf.capacity() < want {
+        *buf = BytesMut::with_capacity(want.max(64 * 1024) * 4);
+    }
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    match read(&mut buf[..want])? {
+        0 => Ok(None),
+        n => Ok(Some(buf.split_to(n).freeze())),
+    }
+}
+
+/// Starts reading `input` on a thread. The receiver yields each read as soon as it returns,
+/// then closes at end of input.
+fn read_on_thread(mut input: File, chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>> {
     let (tx, rx) = mpsc::channel(4);
     std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
             let mut buf = BytesMut::new();
             loop {
-                if buf.capacity() < chunk {
-                    buf = BytesMut::with_capacity(chunk.max(64 * 1024) * 4);
-                }
-                // What the last read did not fill is still zeroed and stays in `buf`: only the
-                // bytes handed on are zeroed again.
-                buf.resize(chunk, 0);
-                let n = match input.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => n,
+                let piece = match read_piece(&mut buf, chunk, |b| input.read(b)) {
+                    Ok(Some(piece)) => piece,
+                    Ok(None) => return,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(e));
                         return;
                     }
                 };
-                let piece = buf.split_to(n).freeze();
                 if tx.blocking_send(Ok(piece)).is_err() {
                     return;
                 }
@@ -52,29 +160,126 @@ pub fn read_stdin(chunk: usize) -> io::Result<mpsc::Receiver<io::Result<Bytes>>>
     Ok(rx)
 }
 
-/// Starts a stdout writer. Send it pieces; drop the sender and await the handle to learn how
-/// writing ended.
-pub fn write_stdout() -> io::Result<(mpsc::Sender<Bytes>, tokio::task::JoinHandle<io::Result<()>>)>
-{
-    let mut output = File::from(io::stdout().as_fd().try_clone_to_owned()?);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
-    let handle = tokio::task::spawn_blocking(move || {
-        let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
-        while let Some(piece) = rx.blocking_recv() {
-            // Whatever else is already queued goes out in the same system call.
-            batch.push(piece);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(more) => batch.push(more),
-                    Err(_) => break,
+/// stdout for the reader. A piece goes out at once on the caller's thread when stdout is a
+/// pipe with room for it, so that the write cannot block: a small message then reaches the
+/// consumer without waking another thread. Otherwise (a full pipe, a file, a terminal) it is
+/// handed to a thread of its own, which batches what is queued into vectored writes, so a
+/// stalled consumer never blocks the caller. Bytes leave in the order they were sent.
+pub struct Stdout {
+    file: Arc<File>,
+    /// Capacity of stdout's pipe; `None` when stdout is not a pipe.
+    pipe: Option<usize>,
+    /// Pieces handed to the thread and not yet written: while there are any, pieces must
+    /// queue behind them.
+    queued: Arc<AtomicUsize>,
+    tx: mpsc::Sender<Bytes>,
+    thread: tokio::task::JoinHandle<io::Result<()>>,
+    /// The error of a write on the caller's thread.
+    failed: Option<io::Error>,
+}
+
+impl Stdout {
+    /// Opens stdout (a duplicate of file descriptor 1).
+    pub fn open() -> io::Result<Self> {
+        let file = Arc::new(File::from(io::stdout().as_fd().try_clone_to_owned()?));
+        let pipe = grow_pipe(&file);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+        let (output, done) = (file.clone(), queued.clone());
+        let thread = tokio::task::spawn_blocking(move || {
+            let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
+            while let Some(piece) = rx.blocking_recv() {
+                // Whatever else is already queued goes out in the same system call.
+                batch.push(piece);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
                 }
+                write_all_vectored(&mut &*output, &batch)?;
+                done.fetch_sub(batch.len(), Ordering::AcqRel);
+                batch.clear();
             }
-            write_all_vectored(&mut output, &batch)?;
-            batch.clear();
+            Ok(())
+        });
+        Ok(Self {
+            file,
+            pipe,
+            queued,
+            tx,
+            thread,
+            failed: None,
+        })
+    }
+
+    /// Writes `piece`, or queues it for the writing thread. Returns `false` once writing has
+    /// failed; [`Stdout::finish`] then says why.
+    pub async fn send(&mut self, piece: Bytes) -> bool {
+        if self.failed.is_some() {
+            return false;
         }
-        output.flush()
-    });
-    Ok((tx, handle))
+        if self.queued.load(Ordering::Acquire) == 0 && self.has_room(piece.len()) {
+            return match write_all_vectored(&mut &*self.file, &[piece]) {
+                Ok(()) => true,
+                Err(e) => {
+                    self.failed = Some(e);
+                    false
+                }
+            };
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        self.tx.send(piece).await.is_ok()
+    }
+
+    /// Whether stdout is a pipe that takes `len` more bytes without blocking. A pipe holds
+    /// its bytes in pages, which writes may fill only partly (at worst about half): count
+    /// what is unread twice, and a few pages of slack.
+    fn has_room(&self, len: usize) -> bool {
+        let Some(size) = self.pipe else {
+            return false;
+        };
+        rustix::io::ioctl_fionread(&*self.file).is_ok_and(|unread| {
+            let unread = usize::try_from(unread).unwrap_or(usize::MAX);
+            unread
+                .saturating_mul(2)
+                .saturating_add(len)
+                .saturating_add(3 * PAGE)
+                <= size
+        })
+    }
+
+    /// Waits until everything sent is written; the first error of writing, if any.
+    pub async fn finish(self) -> io::Result<()> {
+        drop(self.tx);
+        let threaded = self.thread.await.map_err(io::Error::other)?;
+        match self.failed {
+            Some(e) => Err(e),
+            None => threaded,
+        }
+    }
+}
+
+/// A pipe's unit of storage.
+const PAGE: usize = 4096;
+
+/// Size asked for a pipe on stdin or stdout.
+const PIPE_SIZE: usize = 1 << 20;
+
+/// Enlarges `file`'s pipe, if it is one, so that reads and writes move more per system call
+/// and wake the other side less often. Best effort: the pipe stays as it is when the system
+/// refuses (`fs.pipe-max-size`, the per-user pipe budget).
+/// Returns the pipe's size, or `None` when `file` is not a pipe.
+fn grow_pipe(file: &File) -> Option<usize> {
+    use std::os::unix::fs::FileTypeExt;
+    if !file.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        return None;
+    }
+    let size = rustix::pipe::fcntl_getpipe_size(file).ok()?;
+    if size >= PIPE_SIZE {
+        return Some(size);
+    }
+    Some(rustix::pipe::fcntl_setpipe_size(file, PIPE_SIZE).unwrap_or(size))
 }
 
 /// Pieces written with one vectored write at most.
