@@ -337,10 +337,10 @@ fn thousand_idle_readers(kind: RelayKind) {
         "one connection per reader, all the time"
     );
     assert_eq!(conns_during, 0, "no reconnecting while idle");
-    // Relay memory. Measured with 1,000 waiting readers: redis-server +9 to +11 MiB,
-    // `tube relay` +21 to +25 MiB, creeping on to +34 MiB over ten minutes (the allocator,
-    // not a leak per request: see RELIABILITY.md, Load). 64 KiB per reader is 2.5 times the
-    // most seen here. Within the window, either relay rose by 1 to 3 MiB; 8 MiB still
+    // Relay memory. Measured with 1,000 waiting readers: redis-server +8 to +11 MiB,
+    // `tube relay` +22 to +25 MiB, creeping on to +34 MiB over ten minutes (not a leak per
+    // request: see RELIABILITY.md, Load). 64 KiB per reader is 2.5 times the most seen
+    // here. Within the window, either relay rose by 1.2 to 3.5 MiB; 8 MiB still
     // catches a leak of a kilobyte per request (about 1,500 requests a second).
     let relay_grown = relay_rss_peak.saturating_sub(relay_rss_before);
     assert!(
@@ -356,7 +356,7 @@ fn thousand_idle_readers(kind: RelayKind) {
     );
     // Reader memory. A waiting reader measured 7.3 MiB of RSS, mostly the binary's pages,
     // and 0.8 MiB private; 16 and 4 leave room for a different build or allocator. Over
-    // the window, private memory grew by 4 to 6 KiB per reader; 64 KiB is the bound.
+    // the window, private memory grew by about 4 KiB per reader; 64 KiB is the bound.
     assert!(
         readers_after.rss <= n * 16 * MIB && readers_after.anon <= n * 4 * MIB,
         "readers' RSS {:.1} MiB, private {:.1} MiB",
@@ -370,7 +370,7 @@ fn thousand_idle_readers(kind: RelayKind) {
         mib(readers_after.anon)
     );
     // CPU. Waiting costs a blocking read per second and a heartbeat every two: measured
-    // 4-7% of a core for `tube relay`, 3-4% for redis-server, 12-16% for all readers.
+    // 5-6% of a core for `tube relay`, 3% for redis-server, 12-15% for all readers.
     assert!(
         relay_cpu.as_secs_f64() < 0.5 * span,
         "the relay used {relay_cpu:?} of CPU in {span:.1} s of idle readers"
