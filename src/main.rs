@@ -32,6 +32,8 @@ const EXIT_VANISHED: u8 = 4;
 const EXIT_CORRUPT: u8 = 5;
 /// Exit status when the relay lost data the reader had not read yet.
 const EXIT_LOST: u8 = 6;
+/// How long a reader stopped by a signal waits for the relay to take its registration back.
+const DEREGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -389,7 +391,15 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
     let outcome = loop {
         let next = tokio::select! {
             next = reader.next_chunk() => next,
-            _ = stop.cancelled() => return Ok(signal_exit(&signal_status)),
+            _ = stop.cancelled() => {
+                // Deregister now rather than when the registration expires: a writer need not
+                // wait for this reader, and a channel that never gets a writer (which would
+                // clean up after it) keeps no trace of it. The relay answers after the
+                // outstanding blocking read, within about a second; a second signal exits at
+                // once.
+                let _ = tokio::time::timeout(DEREGISTER_WAIT, reader.close()).await;
+                return Ok(signal_exit(&signal_status));
+            }
         };
         match next {
             Ok(Some(data)) => {

@@ -240,6 +240,11 @@ impl TestRelay {
         c
     }
 
+    /// The relay's process ID, for reading its memory and CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the relay is running").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
     }
@@ -591,4 +596,94 @@ pub fn used_memory(admin: &mut redis::Connection) -> u64 {
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
         .expect("INFO memory has used_memory")
+}
+
+/// A numeric field of the relay's `INFO SECTION` (`connected_clients` in `clients`, …).
+pub fn info_field(admin: &mut redis::Connection, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg(section).query(admin).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("INFO {section} has no numeric {field}:\n{info}"))
+}
+
+/// A process's resident memory (`VmRSS`) and its private part (`RssAnon`), in bytes; `None`
+/// once the process is gone.
+pub fn proc_rss(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|k| k * 1024)
+    };
+    Some((kib("VmRSS:")?, kib("RssAnon:")?))
+}
+
+/// The CPU time a process's live threads have used so far, to the nanosecond: the sum of
+/// `se.sum_exec_runtime` in `/proc/PID/task/*/sched`; `None` once the process is gone.
+///
+/// For processes that use little CPU. `/proc/PID/stat` counts whole clock ticks (10 ms) of
+/// the process's total, so a process that has used 5 ms in all shows 0 there however long
+/// it is watched. The sched files need a kernel with `CONFIG_SCHED_DEBUG` (Debian's and
+/// Ubuntu's have it; it is always on since Linux 6.15); without one this panics, saying so.
+/// Threads that exited no longer count.
+pub fn proc_cpu_precise(pid: u32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = Duration::ZERO;
+    for task in tasks {
+        let Ok(task) = task else { continue };
+        let text = match std::fs::read_to_string(task.path().join("sched")) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+                panic!(
+                    "{}/sched is missing: measuring small CPU times needs a kernel with \
+                     CONFIG_SCHED_DEBUG",
+                    task.path().display()
+                )
+            }
+            // The thread or the process has just exited.
+            Err(_) => continue,
+        };
+        let ms: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("se.sum_exec_runtime"))
+            .and_then(|v| v.trim().trim_start_matches(':').trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no se.sum_exec_runtime in {}:\n{text}",
+                    task.path().display()
+                )
+            });
+        total += Duration::from_secs_f64(ms / 1000.0);
+    }
+    Some(total)
+}
+
+/// The CPU time a process has used so far (user plus system, all its threads, also those
+/// that exited), in whole clock ticks; `None` once the process is gone.
+pub fn proc_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis,
+    // where utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_secs_f64(
+        (utime + stime) as f64 / clock_ticks_per_second(),
+    ))
+}
+
+#[allow(unsafe_code)]
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf(3) has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
+    ticks as f64
 }
