@@ -160,11 +160,18 @@ impl Registration {
         let _: Result<()> = conn.pipe(&pipe).await;
     }
 
+    /// Also keeps the readers hash from outliving its readers: on a channel without a writer
+    /// (whose heartbeat sets the channel's expiry) nothing else would remove the entry of a
+    /// reader that was killed.
     fn register(&self, pipe: &mut redis::Pipeline) {
         pipe.cmd("HSET")
             .arg(self.channel.readers_key())
             .arg(&self.id)
             .arg(unix_ms())
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(self.channel.readers_key())
+            .arg(READER_LEASE.as_millis() as u64)
             .ignore();
     }
 

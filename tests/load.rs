@@ -452,7 +452,35 @@ fn sigterm_takes_a_waiting_readers_registration_back(kind: RelayKind) {
     assert!(keys.is_empty(), "left on the relay: {keys:?}");
 }
 
+/// A reader killed without a chance to clean up leaves nothing behind for long either: its
+/// position key and the readers hash expire 12 s after its last heartbeat.
+fn sigkill_leaves_a_waiting_readers_registration_to_expire(kind: RelayKind) {
+    let _alone = alone();
+    let relay = TestRelay::start(kind);
+    let mut admin = relay.admin();
+    let reader = Proc::spawn(relay.tube(&["read", "killed"]));
+    wait_until(Duration::from_secs(10), "the reader's registration", || {
+        registered_readers(&mut admin, "killed") == 1
+    });
+    reader.signal(libc::SIGKILL);
+    let _ = reader.wait_open(Duration::from_secs(10));
+    wait_until(
+        Duration::from_secs(25),
+        "the registration to expire",
+        || {
+            redis::cmd("KEYS")
+                .arg("*")
+                .query::<Vec<String>>(&mut admin)
+                .unwrap()
+                .is_empty()
+        },
+    );
+}
+
 relay_tests! {
+    fn a_killed_waiting_readers_registration_expires(kind) {
+        sigkill_leaves_a_waiting_readers_registration_to_expire(kind)
+    }
     fn a_hundred_channels_at_once_each_arrive_byte_exact(kind) { hundred_channels(kind) }
     fn a_thousand_idle_readers_hold_one_connection_each_and_stay_bounded(kind) {
         thousand_idle_readers(kind)
