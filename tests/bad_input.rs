@@ -647,13 +647,7 @@ fn signal_mid_transfer(kind: RelayKind, target: Target, sig: i32, seed: u64) {
     let reader = Proc::spawn(tube_at(&relay, &["read", channel, "--retry-for", "2s"]));
     let mut admin = relay.admin();
     // The reader handles signals once it has registered.
-    wait_until(Duration::from_secs(10), "the reader's registration", || {
-        redis::cmd("HLEN")
-            .arg(format!("tube:{{{channel}}}:readers"))
-            .query::<u64>(&mut admin)
-            .unwrap_or(0)
-            > 0
-    });
+    wait_registered(&relay, channel);
     writer.stdin().write_all(&data[..point]).unwrap();
     writer.stdin().flush().unwrap();
     wait_until(

@@ -18,13 +18,6 @@ fn feed(p: &mut Proc, data: Vec<u8>) -> std::thread::JoinHandle<()> {
     })
 }
 
-fn registered_readers(admin: &mut redis::Connection, channel: &str) -> usize {
-    redis::cmd("HLEN")
-        .arg(format!("tube:{{{channel}}}:readers"))
-        .query::<usize>(admin)
-        .unwrap_or(0)
-}
-
 relay_tests! {
     fn memory_stays_bounded_while_a_reader_is_ten_times_slower(kind) {
         let relay = TestRelay::start(kind);

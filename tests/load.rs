@@ -63,13 +63,6 @@ fn ensure_open_files(want: u64) {
     }
 }
 
-fn registered_readers(admin: &mut redis::Connection, channel: &str) -> usize {
-    redis::cmd("HLEN")
-        .arg(format!("tube:{{{channel}}}:readers"))
-        .query::<usize>(admin)
-        .unwrap_or(0)
-}
-
 /// Feeds `len` bytes of pseudo-random data, distinct for each `seed`, to a process's stdin
 /// from a thread, a mebibyte at a time; returns their SHA-256, or `None` if the process
 /// stopped taking them.

@@ -33,17 +33,6 @@ fn reader_offset(admin: &mut redis::Connection, channel: &str) -> Option<u64> {
     pos?.split_once(' ')?.1.parse().ok()
 }
 
-fn wait_registered(relay: &TestRelay, channel: &str) {
-    let mut admin = relay.admin();
-    wait_until(Duration::from_secs(10), "the reader's registration", || {
-        redis::cmd("HLEN")
-            .arg(format!("tube:{{{channel}}}:readers"))
-            .query::<u64>(&mut admin)
-            .unwrap_or(0)
-            > 0
-    });
-}
-
 /// The byte from which a reader says the relay lost `channel`'s data.
 fn lost_at(stderr: &str, channel: &str) -> usize {
     let prefix = format!("data lost on channel {channel}: missing from byte ");
@@ -59,6 +48,22 @@ fn lost_at(stderr: &str, channel: &str) -> usize {
 /// Lines that announce an outage.
 fn outages(stderr: &str) -> usize {
     stderr.matches("; reconnecting for up to").count()
+}
+
+/// Starts a reader (with `--retry-for retry`) and a writer of 64 KiB records on `channel`,
+/// writes `first`, and stops the reader (SIGSTOP) once it has fetched all of it.
+fn stopped_reader(relay: &TestRelay, channel: &str, first: &[u8], retry: &str) -> (Proc, Proc) {
+    let reader = Proc::spawn(relay.tube(&["read", channel, "--retry-for", retry]));
+    wait_registered(relay, channel);
+    let mut writer = Proc::spawn(relay.tube(&["write", channel, "--chunk-size", "64k"]));
+    writer.stdin().write_all(first).unwrap();
+    writer.stdin().flush().unwrap();
+    let mut admin = relay.admin();
+    wait_until(Duration::from_secs(20), "the first part read", || {
+        reader_offset(&mut admin, channel) == Some(first.len() as u64)
+    });
+    reader.signal(libc::SIGSTOP);
+    (reader, writer)
 }
 
 /// Feeds `data` to the process's stdin from a thread, then closes it.
@@ -183,16 +188,7 @@ relay_tests! {
         // of it to the stopped reader.
         let data = random_bytes(10 << 20, 75);
         let first = 1 << 20;
-        let reader = Proc::spawn(relay.tube(&["read", "gone", "--retry-for", "2s"]));
-        wait_registered(&relay, "gone");
-        let mut writer = Proc::spawn(relay.tube(&["write", "gone", "--chunk-size", "64k"]));
-        writer.stdin().write_all(&data[..first]).unwrap();
-        writer.stdin().flush().unwrap();
-        let mut admin = relay.admin();
-        wait_until(Duration::from_secs(20), "the first part read", || {
-            reader_offset(&mut admin, "gone") == Some(first as u64)
-        });
-        reader.signal(libc::SIGSTOP);
+        let (reader, mut writer) = stopped_reader(&relay, "gone", &data[..first], "2s");
         writer.stdin().write_all(&data[first..]).unwrap();
         writer.close_stdin();
         assert_eq!(writer.wait(Duration::from_secs(30)).code(), Some(0));
@@ -293,16 +289,8 @@ fn lost_mid_session(kind: RelayKind, disaster: Disaster) {
     // it to the stopped reader.
     let data = random_bytes(12 << 20, 74);
     let (a1, a2) = (1 << 20, 10 << 20);
-    let reader = Proc::spawn(relay.tube(&["read", "lossy", "--retry-for", "10s"]));
-    wait_registered(&relay, "lossy");
-    let mut writer = Proc::spawn(relay.tube(&["write", "lossy", "--chunk-size", "64k"]));
-    writer.stdin().write_all(&data[..a1]).unwrap();
-    writer.stdin().flush().unwrap();
+    let (reader, mut writer) = stopped_reader(&relay, "lossy", &data[..a1], "10s");
     let mut admin = relay.admin();
-    wait_until(Duration::from_secs(20), "the first part read", || {
-        reader_offset(&mut admin, "lossy") == Some(a1 as u64)
-    });
-    reader.signal(libc::SIGSTOP);
     writer.stdin().write_all(&data[a1..a2]).unwrap();
     writer.stdin().flush().unwrap();
     wait_until(

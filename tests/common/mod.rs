@@ -687,3 +687,20 @@ fn clock_ticks_per_second() -> f64 {
     assert!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
     ticks as f64
 }
+
+/// Readers registered on `channel`.
+pub fn registered_readers(admin: &mut redis::Connection, channel: &str) -> usize {
+    redis::cmd("HLEN")
+        .arg(format!("tube:{{{channel}}}:readers"))
+        .query::<usize>(admin)
+        .unwrap_or(0)
+}
+
+/// Waits until a reader has registered on `channel` (from then on it handles signals and
+/// holds the writer back).
+pub fn wait_registered(relay: &TestRelay, channel: &str) {
+    let mut admin = relay.admin();
+    wait_until(Duration::from_secs(10), "the reader's registration", || {
+        registered_readers(&mut admin, channel) > 0
+    });
+}
