@@ -75,6 +75,10 @@ fn feed(proc: &mut Proc, data: std::sync::Arc<Vec<u8>>) -> std::thread::JoinHand
 }
 
 relay_tests! {
+    fn any_sequence_of_cuts_and_stalls_leaves_the_stream_exact(kind) {
+        any_connection_faults_leave_the_stream_exact(kind);
+    }
+
     fn twenty_cuts_in_256_mib_change_nothing(kind) {
         let relay = TestRelay::start(kind);
         let proxy = FaultProxy::start(relay.port);
@@ -231,6 +235,74 @@ relay_tests! {
             assert!(!out.stderr.contains("panicked"), "{who}: {}", out.stderr);
         }
     }
+}
+
+/// A connection fault, applied when the bytes sent towards the relay pass a point.
+#[derive(Debug, Clone)]
+enum ConnFault {
+    Cut,
+    Stall(Duration),
+}
+
+/// Property: any sequence of cuts and stalls, at any points of a transfer, yields exactly the
+/// stream that was written (and both ends exit 0).
+fn any_connection_faults_leave_the_stream_exact(kind: RelayKind) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let relay = TestRelay::start(kind);
+    let case = std::sync::atomic::AtomicU32::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 6,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let fault = prop_oneof![
+        Just(ConnFault::Cut),
+        (50u64..2_000).prop_map(|ms| ConnFault::Stall(Duration::from_millis(ms))),
+    ];
+    let strategy = (
+        1usize..(6 << 20),
+        proptest::collection::vec((0u64..1_000, fault), 1..6),
+    );
+    runner
+        .run(&strategy, |(len, mut faults)| {
+            let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let channel = format!("f{n}");
+            let proxy = FaultProxy::start(relay.port);
+            let data = std::sync::Arc::new(random_bytes(len, u64::from(n)));
+            let (reader, hashed) = Proc::spawn_hashing(via(&relay, &proxy, &["read", &channel]));
+            wait_registered(&relay, &channel);
+            let mut writer = Proc::spawn(via(
+                &relay,
+                &proxy,
+                &["write", &channel, "--chunk-size", "64k"],
+            ));
+            let feeder = feed(&mut writer, data.clone());
+            faults.sort_by_key(|(at, _)| *at);
+            let started = Instant::now();
+            for (permille, f) in &faults {
+                let at = len as u64 * permille / 1_000;
+                while proxy.forwarded(Direction::Up) < at
+                    && started.elapsed() < Duration::from_secs(60)
+                {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                match f {
+                    ConnFault::Cut => proxy.cut(),
+                    ConnFault::Stall(d) => proxy.stall(*d),
+                }
+            }
+            feeder.join().unwrap();
+            let w = writer.wait(Duration::from_secs(120));
+            let r = reader.wait(Duration::from_secs(120));
+            let (digest, got) = hashed.join().unwrap();
+            prop_assert_eq!(w.code(), Some(0), "{:?}: {}", faults, w.stderr);
+            prop_assert_eq!(r.code(), Some(0), "{:?}: {}", faults, r.stderr);
+            prop_assert_eq!(got, len as u64, "{:?}", faults);
+            prop_assert!(digest == sha256(&data), "{:?}: the output differs", faults);
+            Ok(())
+        })
+        .unwrap();
 }
 
 #[test]
