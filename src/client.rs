@@ -389,7 +389,7 @@ struct Link {
 }
 
 /// Whether a failure is the connection's (worth reconnecting), not the command's.
-fn is_connection_failure(e: &RedisError) -> bool {
+pub(crate) fn is_connection_failure(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -469,11 +469,6 @@ impl Conn {
         } else {
             Error::Relay { addr, reason }
         }
-    }
-
-    /// Whether `e`, from this connection, means the connection failed.
-    pub(crate) fn is_failure(e: &RedisError) -> bool {
-        is_connection_failure(e)
     }
 
     /// Replaces the connection after `failure`, trying with growing pauses until the

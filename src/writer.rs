@@ -11,7 +11,7 @@
 //! has already fetched: otherwise it waits, and the wait travels back to the producer.
 
 use crate::channel::Channel;
-use crate::client::{Conn, RelayConfig};
+use crate::client::{Conn, RelayConfig, is_connection_failure};
 use crate::crypto::{Sealer, Secret};
 use crate::error::{Error, Result};
 use crate::record::{self, Begin, End, EndStatus};
@@ -983,16 +983,14 @@ impl Sender {
         self.in_flight -= request.bytes;
         match self.check_reply(&request, reply)? {
             Outcome::Done => Ok(()),
-            Outcome::Taken(seq) => match self.newest().await? {
-                Some((s, q)) if s == self.session && q >= seq => Ok(()),
-                _ => Err(Error::Relay {
-                    addr: self.data.addr().into(),
-                    reason: format!(
-                        "the relay refused record {} as out of order",
-                        record::entry_id(self.session, seq)
-                    ),
-                }),
-            },
+            Outcome::Taken(seq) if self.landed().await? >= seq => Ok(()),
+            Outcome::Taken(seq) => Err(Error::Relay {
+                addr: self.data.addr().into(),
+                reason: format!(
+                    "the relay refused record {} as out of order",
+                    record::entry_id(self.session, seq)
+                ),
+            }),
             Outcome::Failed(failure) => {
                 let mut pending = vec![request];
                 pending.extend(inflight.drain(..).map(|(r, _)| r));
@@ -1014,10 +1012,7 @@ impl Sender {
         self.data.reconnect(failure).await?;
         self.keys.hold_lease(&mut self.data).await?;
         self.keys.restore(&mut self.data).await?;
-        let landed = match self.newest().await? {
-            Some((s, q)) if s == self.session => q,
-            _ => 0,
-        };
+        let landed = self.landed().await?;
         if let Some(first) = pending.iter().find_map(|r| r.seq)
             && landed + 1 < first
         {
@@ -1039,19 +1034,19 @@ impl Sender {
         Ok(())
     }
 
-    /// The ID of the newest entry on the channel's stream, when it is this writer's session
-    /// or an earlier one.
+    /// The sequence number of this session's newest record on the relay (0 when the relay
+    /// holds none of them): everything up to it has landed, since appends land in order.
     ///
     /// # Errors
     /// [`Error::LeaseLost`] when a later session has begun.
-    async fn newest(&mut self) -> Result<Option<(u64, u64)>> {
-        let newest = session::newest_entry(&mut self.data, &self.channel).await?;
-        match newest {
+    async fn landed(&mut self) -> Result<u64> {
+        match session::newest_entry(&mut self.data, &self.channel).await? {
             Some((s, _)) if s > self.session => Err(Error::LeaseLost {
                 channel: self.channel.name().into(),
                 reason: format!("session {s} has begun on the channel"),
             }),
-            other => Ok(other),
+            Some((s, q)) if s == self.session => Ok(q),
+            _ => Ok(0),
         }
     }
 
@@ -1071,7 +1066,7 @@ impl Sender {
                 addr: self.data.addr().into(),
                 reason: format!("unexpected answer {other:?}"),
             }),
-            (_, Err(e)) if Conn::is_failure(&e) => Ok(Outcome::Failed(self.data.error(&e))),
+            (_, Err(e)) if is_connection_failure(&e) => Ok(Outcome::Failed(self.data.error(&e))),
             (Some(seq), Err(e)) if e.to_string().contains("equal or smaller") => {
                 Ok(Outcome::Taken(seq))
             }

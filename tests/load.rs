@@ -427,58 +427,43 @@ fn thousand_idle_readers(kind: RelayKind) {
     assert_eq!(keys, expected, "keys left on the relay");
 }
 
-/// A waiting reader stopped by SIGTERM removes its registration before it exits. It used
-/// to leave its entry in the channel's readers hash, which has no expiry until a writer
-/// comes: on a channel that never gets one, for ever.
-fn sigterm_takes_a_waiting_readers_registration_back(kind: RelayKind) {
+/// A waiting reader stopped by SIGTERM removes its registration before it exits; one killed
+/// with SIGKILL leaves it to expire, 12 s after its last heartbeat. Either used to leave its
+/// entry in the channel's readers hash, which had no expiry until a writer came: on a channel
+/// that never gets one, for ever.
+fn a_stopped_waiting_reader_leaves_nothing(kind: RelayKind, sig: i32) {
     let _alone = alone();
     let relay = TestRelay::start(kind);
     let mut admin = relay.admin();
     let reader = Proc::spawn(relay.tube(&["read", "gone"]));
-    wait_until(Duration::from_secs(10), "the reader's registration", || {
-        registered_readers(&mut admin, "gone") == 1
-    });
-    reader.signal(libc::SIGTERM);
+    wait_registered(&relay, "gone");
+    reader.signal(sig);
     let out = reader.wait_open(Duration::from_secs(10));
-    assert_eq!(out.code(), Some(143), "{}", out.stderr);
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut admin).unwrap();
-    assert!(keys.is_empty(), "left on the relay: {keys:?}");
-}
-
-/// A reader killed without a chance to clean up leaves nothing behind for long either: its
-/// position key and the readers hash expire 12 s after its last heartbeat.
-fn sigkill_leaves_a_waiting_readers_registration_to_expire(kind: RelayKind) {
-    let _alone = alone();
-    let relay = TestRelay::start(kind);
-    let mut admin = relay.admin();
-    let reader = Proc::spawn(relay.tube(&["read", "killed"]));
-    wait_until(Duration::from_secs(10), "the reader's registration", || {
-        registered_readers(&mut admin, "killed") == 1
-    });
-    reader.signal(libc::SIGKILL);
-    let _ = reader.wait_open(Duration::from_secs(10));
-    wait_until(
-        Duration::from_secs(25),
-        "the registration to expire",
-        || {
-            redis::cmd("KEYS")
-                .arg("*")
-                .query::<Vec<String>>(&mut admin)
-                .unwrap()
-                .is_empty()
-        },
-    );
+    let keys = |admin: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("KEYS").arg("*").query(admin).unwrap()
+    };
+    if sig == libc::SIGTERM {
+        assert_eq!(out.code(), Some(143), "{}", out.stderr);
+        let left = keys(&mut admin);
+        assert!(left.is_empty(), "left on the relay: {left:?}");
+    } else {
+        wait_until(
+            Duration::from_secs(25),
+            "the registration to expire",
+            || keys(&mut admin).is_empty(),
+        );
+    }
 }
 
 relay_tests! {
     fn a_killed_waiting_readers_registration_expires(kind) {
-        sigkill_leaves_a_waiting_readers_registration_to_expire(kind)
+        a_stopped_waiting_reader_leaves_nothing(kind, libc::SIGKILL)
     }
     fn a_hundred_channels_at_once_each_arrive_byte_exact(kind) { hundred_channels(kind) }
     fn a_thousand_idle_readers_hold_one_connection_each_and_stay_bounded(kind) {
         thousand_idle_readers(kind)
     }
     fn a_waiting_reader_stopped_by_sigterm_leaves_nothing_on_the_relay(kind) {
-        sigterm_takes_a_waiting_readers_registration_back(kind)
+        a_stopped_waiting_reader_leaves_nothing(kind, libc::SIGTERM)
     }
 }

@@ -50,6 +50,25 @@ fn outages(stderr: &str) -> usize {
     stderr.matches("; reconnecting for up to").count()
 }
 
+/// Waits for the writer and for the reader whose output `hashed` hashes; checks that both
+/// exit 0 and that the output is `data`. Returns their outputs.
+fn assert_exact(
+    writer: Proc,
+    reader: Proc,
+    hashed: std::thread::JoinHandle<([u8; 32], u64)>,
+    data: &[u8],
+    limit: Duration,
+) -> (Output, Output) {
+    let w = writer.wait(limit);
+    let r = reader.wait(limit);
+    assert_eq!(w.code(), Some(0), "{}", w.stderr);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    let (digest, len) = hashed.join().unwrap();
+    assert_eq!(len, data.len() as u64);
+    assert_eq!(digest, sha256(data), "the output differs from the input");
+    (w, r)
+}
+
 /// Starts a reader (with `--retry-for retry`) and a writer of 64 KiB records on `channel`,
 /// writes `first`, and stops the reader (SIGSTOP) once it has fetched all of it.
 fn stopped_reader(relay: &TestRelay, channel: &str, first: &[u8], retry: &str) -> (Proc, Proc) {
@@ -103,13 +122,7 @@ relay_tests! {
             proxy.cut();
         }
         feeder.join().unwrap();
-        let w = writer.wait(Duration::from_secs(240));
-        let r = reader.wait(Duration::from_secs(240));
-        assert_eq!(w.code(), Some(0), "{}", w.stderr);
-        assert_eq!(r.code(), Some(0), "{}", r.stderr);
-        let (digest, len) = hashed.join().unwrap();
-        assert_eq!(len, size as u64);
-        assert_eq!(digest, sha256(&data), "the output differs from the input");
+        let (w, r) = assert_exact(writer, reader, hashed, &data, Duration::from_secs(240));
         // Each outage is announced once (the writer's two connections may each notice one).
         for (who, out) in [("writer", &w), ("reader", &r)] {
             let n = outages(&out.stderr);
@@ -164,12 +177,7 @@ relay_tests! {
         proxy.stall(Duration::from_secs(20));
         let feeder = feed(&mut writer, std::sync::Arc::new(data[4 << 20..].to_vec()));
         feeder.join().unwrap();
-        let w = writer.wait(Duration::from_secs(90));
-        let r = reader.wait(Duration::from_secs(90));
-        assert_eq!(w.code(), Some(0), "{}", w.stderr);
-        assert_eq!(r.code(), Some(0), "{}", r.stderr);
-        let (digest, len) = hashed.join().unwrap();
-        assert_eq!((digest, len), (sha256(&data), data.len() as u64), "the output differs");
+        let (w, _) = assert_exact(writer, reader, hashed, &data, Duration::from_secs(90));
         assert!(w.stderr.contains("timed out") || w.stderr.contains("timeout"), "{}", w.stderr);
         assert!(w.stderr.contains("reconnected"), "{}", w.stderr);
     }
