@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 
 /// How long connecting and the first answer may take before the relay counts as unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long an ordinary command may wait for its answer. A relay that stays silent longer
 /// counts as lost, and the connection is replaced.
@@ -159,6 +159,57 @@ impl RelayConfig {
     /// The relay's address for messages: `host:port` or a socket path, never credentials.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    pub(crate) fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    pub(crate) fn tls_options(&self) -> Option<&TlsOptions> {
+        self.tls.as_ref()
+    }
+
+    /// Calls `open` after `failure` until it works, with growing pauses, for up to
+    /// `retry_for` since the relay was lost; says so once per outage.
+    ///
+    /// # Errors
+    /// [`Error::GaveUp`] after `retry_for`; at once, errors that another attempt cannot mend
+    /// (a refused password, a TLS failure); `failure` itself when `retry_for` is zero.
+    pub(crate) async fn reopen<T, F, Fut>(&self, failure: Error, mut open: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        if self.retry_for.is_zero() {
+            return Err(failure);
+        }
+        let since = self.outage.begin(&self.addr, self.retry_for, &failure);
+        let mut pause = FIRST_RETRY_PAUSE;
+        loop {
+            let last = match open().await {
+                Ok(opened) => {
+                    self.outage.end(&self.addr, true);
+                    return Ok(opened);
+                }
+                Err(e @ (Error::Auth { .. } | Error::Tls { .. })) => {
+                    self.outage.end(&self.addr, false);
+                    return Err(e);
+                }
+                Err(e) => e,
+            };
+            let left = (since + self.retry_for).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.outage.end(&self.addr, false);
+                return Err(Error::GaveUp {
+                    addr: self.addr.to_string(),
+                    secs: self.retry_for.as_secs_f64(),
+                    last: last.to_string(),
+                });
+            }
+            tracing::debug!("reconnecting to {}: {last}", self.addr);
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
+        }
     }
 
     /// Opens a connection and checks that a Redis-protocol server answers on it. Failures are
@@ -446,14 +497,6 @@ impl Conn {
         }
     }
 
-    /// The underlying connection, for pipelined appends.
-    pub(crate) fn raw(&mut self) -> MultiplexedConnection {
-        self.refresh();
-        let mut c = self.inner.clone();
-        c.set_response_timeout(COMMAND_TIMEOUT);
-        c
-    }
-
     pub(crate) fn addr(&self) -> &str {
         &self.link.relay.addr
     }
@@ -471,18 +514,14 @@ impl Conn {
         }
     }
 
-    /// Replaces the connection after `failure`, trying with growing pauses until the
-    /// configuration's `retry_for` has passed since the relay was lost.
+    /// Replaces the connection after `failure`, as [`RelayConfig::reopen`] says. One clone
+    /// reconnects for all; once one gave up, the others give up at once too.
     ///
     /// # Errors
-    /// [`Error::GaveUp`] after `retry_for`; at once, errors that another attempt cannot mend
-    /// (a refused password, a TLS failure); `failure` itself when `retry_for` is zero.
+    /// As [`RelayConfig::reopen`].
     pub(crate) async fn reconnect(&mut self, failure: Error) -> Result<()> {
         let link = self.link.clone();
         let relay = &link.relay;
-        if relay.retry_for.is_zero() {
-            return Err(failure);
-        }
         let mut given_up = link.reconnecting.lock().await;
         if let Some(Error::GaveUp { addr, secs, last }) = &*given_up {
             return Err(Error::GaveUp {
@@ -496,39 +535,24 @@ impl Conn {
             self.refresh();
             return Ok(());
         }
-        let since = relay.outage.begin(&relay.addr, relay.retry_for, &failure);
-        let mut pause = FIRST_RETRY_PAUSE;
-        loop {
-            let last = match relay.open().await {
-                Ok(inner) => {
-                    let mut current = link.current.lock().expect("not poisoned");
-                    current.1 += 1;
-                    current.0 = inner;
-                    drop(current);
-                    self.refresh();
-                    relay.outage.end(&relay.addr, true);
-                    return Ok(());
-                }
-                Err(e @ (Error::Auth { .. } | Error::Tls { .. })) => {
-                    relay.outage.end(&relay.addr, false);
-                    return Err(e);
-                }
-                Err(e) => e,
-            };
-            let left = (since + relay.retry_for).saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                relay.outage.end(&relay.addr, false);
-                let give_up = || Error::GaveUp {
-                    addr: relay.addr.to_string(),
-                    secs: relay.retry_for.as_secs_f64(),
-                    last: last.to_string(),
-                };
-                *given_up = Some(give_up());
-                return Err(give_up());
+        match relay.reopen(failure, || relay.open()).await {
+            Ok(inner) => {
+                let mut current = link.current.lock().expect("not poisoned");
+                current.1 += 1;
+                current.0 = inner;
+                drop(current);
+                self.refresh();
+                Ok(())
             }
-            tracing::debug!("reconnecting to {}: {last}", relay.addr);
-            tokio::time::sleep(pause.min(left)).await;
-            pause = (pause * 2).min(MAX_RETRY_PAUSE);
+            Err(Error::GaveUp { addr, secs, last }) => {
+                *given_up = Some(Error::GaveUp {
+                    addr: addr.clone(),
+                    secs,
+                    last: last.clone(),
+                });
+                Err(Error::GaveUp { addr, secs, last })
+            }
+            Err(e) => Err(e),
         }
     }
 

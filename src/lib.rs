@@ -21,6 +21,7 @@ pub mod channel;
 pub mod client;
 pub mod crypto;
 pub mod error;
+mod link;
 pub mod reader;
 pub mod record;
 pub mod relay;

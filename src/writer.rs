@@ -1,6 +1,7 @@
 //! The writing end of a channel: one session, from its begin record to its end record.
 //!
-//! Data flows: caller -> bounded queue -> sender task -> pipelined `XADD`s on one connection.
+//! Data flows: caller -> bounded queue -> sender task -> pipelined `XADD`s on one connection
+//! ([`crate::link`], which sends each payload as it came, without copies).
 //! The sender keeps up to `window` appends in flight (and a number of bytes sized from the
 //! measured round trip), so a distant relay costs one round trip per window rather than per
 //! record. A second connection renews the writer's lease and keeps
@@ -11,15 +12,15 @@
 //! has already fetched: otherwise it waits, and the wait travels back to the producer.
 
 use crate::channel::Channel;
-use crate::client::{Conn, RelayConfig, is_connection_failure};
+use crate::client::{Conn, RelayConfig};
 use crate::crypto::{Sealer, Secret};
 use crate::error::{Error, Result};
+use crate::link::{Answer, Frame, Link};
 use crate::record::{self, Begin, End, EndStatus};
 use crate::session::{self, lease_value};
 use bytes::{BufMut, Bytes, BytesMut};
-use redis::{RedisResult, RedisWrite, ToRedisArgs, Value};
+use redis::{ToRedisArgs, Value};
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -313,15 +314,24 @@ impl Writer {
                 .arg(ttl_ms)
                 .ignore();
             let () = ctl.pipe(&pipe).await?;
-            let mut data = relay.connect().await?;
+            let mut link = Link::open(relay).await?;
             let pinged = Instant::now();
-            let _: String = data.query(&redis::cmd("PING")).await?;
+            link.send(&Frame::command(&[b"PING"])).await;
+            match link.answer().await? {
+                Answer::Simple(pong) if pong == "PONG" => {}
+                other => {
+                    return Err(Error::Relay {
+                        addr: relay.addr().into(),
+                        reason: format!("PING was answered with {other:?}"),
+                    });
+                }
+            }
             let window_bytes = window_bytes(pinged.elapsed());
             let begin_size = stored_size(keys.begin.len() + RECORD_OVERHEAD);
-            Ok::<_, Error>((keys, held_before, begin_size, data, sealer, window_bytes))
+            Ok::<_, Error>((keys, held_before, begin_size, link, sealer, window_bytes))
         }
         .await;
-        let (keys, held_before, begin_len, data, sealer, window_bytes) = match begun {
+        let (keys, held_before, begin_len, link, sealer, window_bytes) = match begun {
             Ok(v) => v,
             Err(e) => {
                 release_lease(&mut ctl, channel, &lease, None).await;
@@ -331,7 +341,7 @@ impl Writer {
         let session = keys.session;
         tracing::debug!(channel = channel.name(), session, "session started");
         // From here on a lost relay is waited for, not a failure.
-        let (ctl, data) = (ctl.resilient(), data.resilient());
+        let ctl = ctl.resilient();
 
         let shared = Arc::new(Shared::default());
         let (lost_tx, lost_rx) = oneshot::channel();
@@ -358,7 +368,8 @@ impl Writer {
         let (tx, rx) = mpsc::channel(8);
         let sender = Sender {
             rx,
-            data,
+            link,
+            relay: relay.clone(),
             ctl,
             channel: channel.clone(),
             session,
@@ -604,7 +615,7 @@ struct Request {
     seq: Option<u64>,
     /// Bytes the append adds to the relay's memory.
     bytes: u64,
-    cmd: Arc<redis::Cmd>,
+    frame: Frame,
 }
 
 /// What a reply says about its request.
@@ -616,12 +627,13 @@ enum Outcome {
     Taken(u64),
 }
 
-type Reply = Pin<Box<dyn Future<Output = RedisResult<Value>> + Send>>;
-
 /// The background half of a [`Writer`].
 struct Sender {
     rx: mpsc::Receiver<Msg>,
-    data: Conn,
+    /// Carries the appends and trims.
+    link: Link,
+    relay: RelayConfig,
+    /// Everything else: readers' positions, and putting the session back after an outage.
     ctl: Conn,
     channel: Channel,
     session: u64,
@@ -651,11 +663,10 @@ impl Sender {
     async fn run(mut self) -> Result<Summary> {
         let outcome = self.pump().await;
         self.stop_heartbeat.cancel();
-        // Best effort. After a success the data connection has just worked (the control
-        // connection may have broken unnoticed); after a failure the relay is not worth
-        // waiting for.
+        // Best effort. After a success the relay has just answered; after a failure it is
+        // not worth waiting for.
         let mut conn = match outcome {
-            Ok(_) => self.data.clone(),
+            Ok(_) => self.ctl.clone(),
             Err(_) => self.ctl.fragile(),
         };
         if outcome.is_ok() {
@@ -677,7 +688,7 @@ impl Sender {
     }
 
     async fn pump(&mut self) -> Result<Summary> {
-        let mut inflight: VecDeque<(Request, Reply)> = VecDeque::new();
+        let mut inflight: VecDeque<Request> = VecDeque::new();
         let mut peeked: Option<Msg> = None;
         // The next record, encoded and waiting for room on the relay.
         let mut ready_record: Option<(RecordArg, u64)> = None;
@@ -703,8 +714,8 @@ impl Sender {
                             }
                             let rseq = record.seq;
                             self.push_held((self.session, rseq), size);
-                            let cmd = xadd(&self.channel, self.session, rseq, record);
-                            self.send(&mut inflight, Some(rseq), size, cmd).await;
+                            let frame = record.frame(&self.channel);
+                            self.send(&mut inflight, Some(rseq), size, frame).await;
                             self.shared.waiting.store(false, Ordering::Relaxed);
                             poll_pause = Duration::from_millis(5);
                             continue;
@@ -738,9 +749,9 @@ impl Sender {
             tokio::select! {
                 biased;
                 Ok(e) = &mut self.lost => return Err(e),
-                acked = async { let front = inflight.front_mut().expect("non-empty"); (&mut front.1).await }, if !inflight.is_empty() => {
-                    let (request, _) = inflight.pop_front().expect("non-empty");
-                    self.settle(request, acked, &mut inflight).await?;
+                answer = self.link.answer(), if !inflight.is_empty() => {
+                    let request = inflight.pop_front().expect("non-empty");
+                    self.settle(request, answer, &mut inflight).await?;
                 }
                 _ = tokio::time::sleep(poll_pause), if waiting_for_readers => {
                     self.refresh_readers().await?;
@@ -766,8 +777,16 @@ impl Sender {
             None => record::encode_end(self.session, seq, &end),
         };
         let end_size = stored_size(end.len() + RECORD_OVERHEAD);
-        let cmd = xadd(&self.channel, self.session, seq, &end[..]);
-        self.send(&mut inflight, Some(seq), 0, cmd).await;
+        let key = self.channel.stream_key();
+        let id = record::entry_id(self.session, seq);
+        let frame = Frame::command(&[
+            b"XADD",
+            key.as_bytes(),
+            id.as_bytes(),
+            record::FIELD.as_bytes(),
+            &end,
+        ]);
+        self.send(&mut inflight, Some(seq), 0, frame).await;
         self.drain(&mut inflight).await?;
         self.push_held((self.session, seq), end_size);
         Ok(Summary {
@@ -783,7 +802,7 @@ impl Sender {
         &mut self,
         msg: Msg,
         peeked: &mut Option<Msg>,
-        inflight: &mut VecDeque<(Request, Reply)>,
+        inflight: &mut VecDeque<Request>,
     ) -> Result<Accepted> {
         match msg {
             Msg::Finish(status) => Ok(Accepted::End(status)),
@@ -862,18 +881,14 @@ impl Sender {
         self.shared.held.store(self.held_total, Ordering::Relaxed);
     }
 
-    fn xtrim(&self, upto: (u64, u64)) -> redis::Cmd {
+    fn xtrim(&self, upto: (u64, u64)) -> Frame {
         let min_id = if upto.1 == u64::MAX {
             record::entry_id(upto.0 + 1, 0)
         } else {
             record::entry_id(upto.0, upto.1 + 1)
         };
-        let mut cmd = redis::cmd("XTRIM");
-        cmd.arg(self.channel.stream_key())
-            .arg("MINID")
-            .arg("=")
-            .arg(min_id);
-        cmd
+        let key = self.channel.stream_key();
+        Frame::command(&[b"XTRIM", key.as_bytes(), b"MINID", b"=", min_id.as_bytes()])
     }
 
     /// Reads the live readers' positions; forgets readers whose position key expired.
@@ -940,34 +955,30 @@ impl Sender {
         joined.map_or(first, BytesMut::freeze)
     }
 
-    /// Sends a request on the data connection and keeps it until its reply.
+    /// Sends a request on the data connection and keeps it until its answer.
     async fn send(
         &mut self,
-        inflight: &mut VecDeque<(Request, Reply)>,
+        inflight: &mut VecDeque<Request>,
         seq: Option<u64>,
         bytes: u64,
-        cmd: redis::Cmd,
+        frame: Frame,
     ) {
-        let request = Request {
-            seq,
-            bytes,
-            cmd: Arc::new(cmd),
-        };
+        let request = Request { seq, bytes, frame };
         self.resend(inflight, request).await;
     }
 
-    async fn resend(&mut self, inflight: &mut VecDeque<(Request, Reply)>, request: Request) {
+    async fn resend(&mut self, inflight: &mut VecDeque<Request>, request: Request) {
         self.in_flight += request.bytes;
-        let reply = issue(self.data.raw(), request.cmd.clone()).await;
-        inflight.push_back((request, reply));
+        self.link.send(&request.frame).await;
+        inflight.push_back(request);
     }
 
     /// Waits for every request in flight to be answered.
-    async fn drain(&mut self, inflight: &mut VecDeque<(Request, Reply)>) -> Result<()> {
-        while let Some(front) = inflight.front_mut() {
-            let reply = (&mut front.1).await;
-            let (request, _) = inflight.pop_front().expect("non-empty");
-            self.settle(request, reply, inflight).await?;
+    async fn drain(&mut self, inflight: &mut VecDeque<Request>) -> Result<()> {
+        while !inflight.is_empty() {
+            let answer = self.link.answer().await;
+            let request = inflight.pop_front().expect("non-empty");
+            self.settle(request, answer, inflight).await?;
         }
         Ok(())
     }
@@ -977,15 +988,15 @@ impl Sender {
     async fn settle(
         &mut self,
         request: Request,
-        reply: RedisResult<Value>,
-        inflight: &mut VecDeque<(Request, Reply)>,
+        answer: Result<Answer>,
+        inflight: &mut VecDeque<Request>,
     ) -> Result<()> {
         self.in_flight -= request.bytes;
-        match self.check_reply(&request, reply)? {
+        match self.check_answer(&request, answer)? {
             Outcome::Done => Ok(()),
             Outcome::Taken(seq) if self.landed().await? >= seq => Ok(()),
             Outcome::Taken(seq) => Err(Error::Relay {
-                addr: self.data.addr().into(),
+                addr: self.relay.addr().into(),
                 reason: format!(
                     "the relay refused record {} as out of order",
                     record::entry_id(self.session, seq)
@@ -993,7 +1004,7 @@ impl Sender {
             }),
             Outcome::Failed(failure) => {
                 let mut pending = vec![request];
-                pending.extend(inflight.drain(..).map(|(r, _)| r));
+                pending.extend(inflight.drain(..));
                 self.recover(failure, pending, inflight).await
             }
         }
@@ -1006,12 +1017,13 @@ impl Sender {
         &mut self,
         failure: Error,
         pending: Vec<Request>,
-        inflight: &mut VecDeque<(Request, Reply)>,
+        inflight: &mut VecDeque<Request>,
     ) -> Result<()> {
         self.in_flight = 0;
-        self.data.reconnect(failure).await?;
-        self.keys.hold_lease(&mut self.data).await?;
-        self.keys.restore(&mut self.data).await?;
+        let relay = self.relay.clone();
+        self.link = relay.reopen(failure, || Link::open(&relay)).await?;
+        self.keys.hold_lease(&mut self.ctl).await?;
+        self.keys.restore(&mut self.ctl).await?;
         let landed = self.landed().await?;
         if let Some(first) = pending.iter().find_map(|r| r.seq)
             && landed + 1 < first
@@ -1019,7 +1031,7 @@ impl Sender {
             tracing::warn!(
                 "the relay at {} lost records {} to {} of {}, which it had stored: readers that \
                  had not read them will report the missing bytes",
-                self.data.addr(),
+                self.relay.addr(),
                 record::entry_id(self.session, landed + 1),
                 record::entry_id(self.session, first - 1),
                 self.channel
@@ -1040,7 +1052,7 @@ impl Sender {
     /// # Errors
     /// [`Error::LeaseLost`] when a later session has begun.
     async fn landed(&mut self) -> Result<u64> {
-        match session::newest_entry(&mut self.data, &self.channel).await? {
+        match session::newest_entry(&mut self.ctl, &self.channel).await? {
             Some((s, _)) if s > self.session => Err(Error::LeaseLost {
                 channel: self.channel.name().into(),
                 reason: format!("session {s} has begun on the channel"),
@@ -1050,27 +1062,32 @@ impl Sender {
         }
     }
 
-    fn check_reply(&self, request: &Request, reply: RedisResult<Value>) -> Result<Outcome> {
-        let reply = match reply {
-            Ok(Value::ServerError(e)) => Err(e.into()),
-            other => other,
+    fn check_answer(&self, request: &Request, answer: Result<Answer>) -> Result<Outcome> {
+        let relay_error = |reason: String| Error::Relay {
+            addr: self.relay.addr().into(),
+            reason,
         };
-        match (request.seq, reply) {
-            (Some(seq), Ok(Value::BulkString(id)))
+        match (request.seq, answer) {
+            (Some(seq), Ok(Answer::Bulk(id)))
                 if id == record::entry_id(self.session, seq).as_bytes() =>
             {
                 Ok(Outcome::Done)
             }
-            (None, Ok(Value::Int(_))) => Ok(Outcome::Done),
-            (_, Ok(other)) => Err(Error::Relay {
-                addr: self.data.addr().into(),
-                reason: format!("unexpected answer {other:?}"),
-            }),
-            (_, Err(e)) if is_connection_failure(&e) => Ok(Outcome::Failed(self.data.error(&e))),
-            (Some(seq), Err(e)) if e.to_string().contains("equal or smaller") => {
+            (None, Ok(Answer::Int(_))) => Ok(Outcome::Done),
+            (_, Err(e @ Error::Connection { .. })) => Ok(Outcome::Failed(e)),
+            (_, Err(e)) => Err(e),
+            // Still reading its data back from disk after a restart: as good as away.
+            (_, Ok(Answer::Refused(e))) if e.starts_with("LOADING") => {
+                Ok(Outcome::Failed(Error::Connection {
+                    addr: self.relay.addr().into(),
+                    reason: e,
+                }))
+            }
+            (Some(seq), Ok(Answer::Refused(e))) if e.contains("equal or smaller") => {
                 Ok(Outcome::Taken(seq))
             }
-            (_, Err(e)) => Err(self.data.error(&e)),
+            (_, Ok(Answer::Refused(e))) => Err(relay_error(e)),
+            (_, Ok(other)) => Err(relay_error(format!("unexpected answer {other:?}"))),
         }
     }
 }
@@ -1149,24 +1166,7 @@ pub(crate) async fn reader_positions(
     Ok((live.values().min().copied(), live))
 }
 
-/// Sends one request and returns the future of its reply, after the request has entered the
-/// connection's queue. Appends must reach the relay in sequence order: queuing each one
-/// before the next is built guarantees that.
-async fn issue(mut conn: redis::aio::MultiplexedConnection, cmd: Arc<redis::Cmd>) -> Reply {
-    // The first poll puts the request into the connection's queue (which has room for more
-    // than a window of requests), so the order of requests is the order of these calls.
-    // `unconstrained`: tokio's cooperative budget could otherwise make that first poll return
-    // Pending without queuing anything, and a later append would overtake this one.
-    let mut fut: Reply = Box::pin(tokio::task::unconstrained(async move {
-        conn.send_packed_command(&cmd).await
-    }));
-    match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
-        Poll::Ready(reply) => Box::pin(std::future::ready(reply)),
-        Poll::Pending => fut,
-    }
-}
-
-/// A data record as one command argument, written straight into the command buffer.
+/// A data record on its way to the relay.
 struct RecordArg {
     session: u64,
     seq: u64,
@@ -1175,17 +1175,23 @@ struct RecordArg {
     payload: Bytes,
 }
 
-impl ToRedisArgs for RecordArg {
-    fn write_redis_args<W>(&self, out: &mut W)
-    where
-        W: ?Sized + RedisWrite,
-    {
+impl RecordArg {
+    /// The record's `XADD`: its prefix goes in the frame's head, the payload is sent as is.
+    fn frame(self, channel: &Channel) -> Frame {
         let mut prefix = BytesMut::with_capacity(record::DATA_PREFIX_LEN);
         record::encode_data_prefix(&mut prefix, self.session, self.seq, self.offset, self.flags);
-        let mut w = out.writer_for_next_arg();
-        // Writing into the command's own buffer cannot fail.
-        let _ = io::Write::write_all(&mut w, &prefix);
-        let _ = io::Write::write_all(&mut w, &self.payload);
+        let key = channel.stream_key();
+        let id = record::entry_id(self.session, self.seq);
+        Frame::with_body(
+            &[
+                b"XADD",
+                key.as_bytes(),
+                id.as_bytes(),
+                record::FIELD.as_bytes(),
+            ],
+            &prefix,
+            self.payload,
+        )
     }
 }
 

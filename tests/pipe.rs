@@ -449,3 +449,56 @@ fn unix_socket_urls_reach_the_relay() {
     let r = read_all(&relay, "sock", &[]);
     assert_eq!(r.stdout, data);
 }
+
+/// A URL naming a user and a database: both of the writer's connections log in as that user
+/// and use that database, and so does the reader.
+#[test]
+fn a_user_and_a_database_in_the_url_are_used_by_every_connection() {
+    let relay = TestRelay::start_with(
+        RelayKind::Redis,
+        RelaySpec {
+            // The default user needs a password of its own, so that only the named user's
+            // password lets tube in.
+            password: Some("admin-pw".into()),
+            extra: [
+                "--user",
+                "streamer",
+                "on",
+                ">s3cret-pw",
+                "~*",
+                "&*",
+                "+@all",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..Default::default()
+        },
+    );
+    let url = format!("redis://streamer@127.0.0.1:{}/3", relay.port);
+    let data = random_bytes(3 << 20, 9);
+    let tube = |args: &[&str]| {
+        let mut c = relay.tube(args);
+        c.env("TUBE_URL", &url).env("TUBE_PASSWORD", "s3cret-pw");
+        c
+    };
+    let w = run_fed(tube(&["write", "acl"]), &data);
+    assert_eq!(w.code(), Some(0), "{}", w.stderr);
+    let r = Proc::spawn(tube(&["read", "acl"])).wait(Duration::from_secs(60));
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    assert_eq!(sha256(&r.stdout), sha256(&data));
+    let mut admin = redis::Client::open(format!(
+        "redis://streamer:s3cret-pw@127.0.0.1:{}/3",
+        relay.port
+    ))
+    .and_then(|c| c.get_connection())
+    .expect("admin connection");
+    assert_eq!(stored_payload(&mut admin, "acl"), data.len() as u64);
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut admin).expect("KEYS");
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("SELECT")
+        .arg(0)
+        .query(&mut admin)
+        .expect("SELECT");
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut admin).expect("KEYS");
+    assert!(keys.is_empty(), "keys in database 0: {keys:?}");
+}
