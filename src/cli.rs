@@ -114,6 +114,11 @@ pub struct WriteArgs {
     /// Appends in flight at most; more keeps distant relays busy.
     #[arg(long, default_value_t = tube::writer::DEFAULT_WINDOW as u16, value_parser = clap::value_parser!(u16).range(1..=512))]
     pub window: u16,
+    /// Most bytes of appends in flight (suffixes k, M). The writer holds them until the relay
+    /// has them. Default: 4M to a relay under 2 ms away, else sized from the round trip, up
+    /// to 32M.
+    #[arg(long, value_parser = parse_size_u64)]
+    pub max_in_flight: Option<u64>,
     /// Most bytes the relay holds for this channel (suffixes k, M, G). When it is full, the
     /// writer waits for readers (reliable) or drops the oldest data (--live).
     #[arg(long, value_parser = parse_size_u64, default_value = "64M")]

@@ -255,6 +255,7 @@ async fn write(common: &Common, args: WriteArgs) -> Result<ExitCode, Error> {
     let opts = WriteOptions {
         chunk_size: args.chunk_size,
         window: usize::from(args.window),
+        max_in_flight: args.max_in_flight,
         max_backlog: args.max_backlog,
         live: args.live,
         ttl: args.ttl,

@@ -46,16 +46,17 @@ pub const DEFAULT_WINDOW: usize = 256;
 /// Most bytes of appends in flight to a nearby relay (round trip under 2 ms): acknowledgements
 /// come back at once, and more would only hold memory.
 pub const WINDOW_BYTES: u64 = 4 * 1024 * 1024;
-/// Most bytes of appends in flight to a distant relay: sized for about 400 MB/s over the
-/// measured round trip, up to this much.
-pub const MAX_WINDOW_BYTES: u64 = 16 * 1024 * 1024;
+/// Most bytes of appends in flight to a distant relay: sized for about 640 MB/s over the
+/// measured round trip, up to this much. The writer holds these bytes until the relay has
+/// them, so this is also most of its memory on a long link (`--max-in-flight` caps it).
+pub const MAX_WINDOW_BYTES: u64 = 32 * 1024 * 1024;
 
 /// The bytes in flight that keep a relay `rtt` away busy.
 fn window_bytes(rtt: Duration) -> u64 {
     if rtt < Duration::from_millis(2) {
         return WINDOW_BYTES;
     }
-    let want = (rtt.as_secs_f64() * 400e6) as u64;
+    let want = (rtt.as_secs_f64() * 640e6) as u64;
     want.clamp(WINDOW_BYTES, MAX_WINDOW_BYTES)
 }
 /// Largest record size accepted by [`WriteOptions`]; readers refuse larger records.
@@ -134,6 +135,8 @@ pub struct WriteOptions {
     pub chunk_size: usize,
     /// Appends in flight at most (and never more bytes than the round trip calls for).
     pub window: usize,
+    /// Most bytes of appends in flight; `None` sizes it from the measured round trip.
+    pub max_in_flight: Option<u64>,
     /// The channel's memory budget on the relay: the records it holds plus one reader's reply
     /// in flight stay within it (one record more at worst).
     pub max_backlog: u64,
@@ -159,6 +162,7 @@ impl Default for WriteOptions {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
             window: DEFAULT_WINDOW,
+            max_in_flight: None,
             max_backlog: DEFAULT_MAX_BACKLOG,
             live: false,
             ttl: DEFAULT_TTL,
@@ -326,7 +330,10 @@ impl Writer {
                     });
                 }
             }
-            let window_bytes = window_bytes(pinged.elapsed());
+            let window_bytes = match opts.max_in_flight {
+                Some(bytes) => bytes.max(1),
+                None => window_bytes(pinged.elapsed()),
+            };
             let begin_size = stored_size(keys.begin.len() + RECORD_OVERHEAD);
             Ok::<_, Error>((keys, held_before, begin_size, link, sealer, window_bytes))
         }
@@ -1468,7 +1475,7 @@ mod tests {
     #[test]
     fn the_window_grows_with_the_round_trip() {
         assert_eq!(window_bytes(Duration::from_micros(100)), WINDOW_BYTES);
-        assert_eq!(window_bytes(Duration::from_millis(30)), 12_000_000);
+        assert_eq!(window_bytes(Duration::from_millis(30)), 19_200_000);
         assert_eq!(window_bytes(Duration::from_millis(500)), MAX_WINDOW_BYTES);
     }
 

@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::faults::FaultProxy;
 use common::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,27 @@ fn feed(p: &mut Proc, data: Vec<u8>) -> std::thread::JoinHandle<()> {
 }
 
 relay_tests! {
+    fn max_in_flight_bounds_the_bytes_awaiting_the_relay(kind) {
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        proxy.set_latency(Duration::from_millis(50));
+        let data = random_bytes(4 << 20, 21);
+        let mut w = relay.tube(&[
+            "write", "capped", "--max-in-flight", "128k", "--chunk-size", "64k",
+        ]);
+        w.env("TUBE_URL", proxy.url());
+        let started = Instant::now();
+        let out = run_fed(w, &data);
+        let took = started.elapsed();
+        assert_eq!(out.code(), Some(0), "{}", out.stderr);
+        // 4 MiB with at most 128 KiB awaiting an answer is at least 32 round trips of 100 ms.
+        // (Uncapped, the writer would send it all in its first round trip.)
+        assert!(took >= Duration::from_millis(3200), "took only {took:?}");
+        let r = read_all(&relay, "capped", &[]);
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        assert!(r.stdout == data, "not byte-exact");
+    }
+
     fn memory_stays_bounded_while_a_reader_is_ten_times_slower(kind) {
         let relay = TestRelay::start(kind);
         let mut admin = relay.admin();
