@@ -155,7 +155,7 @@ async fn info(conn: &mut Conn, channel: &Channel) -> Result<Option<ChannelInfo>>
     let text = |field: &str| meta.get(field).and_then(|v| std::str::from_utf8(v).ok());
     let num = |field: &str| text(field).and_then(|v| v.parse::<u64>().ok());
     let written = num("written").unwrap_or(0);
-    let (_, positions) = reader_positions(conn, channel, false).await?;
+    let (_, positions) = reader_positions(conn, channel, false, &[]).await?;
     let mut readers: Vec<ReaderInfo> = positions
         .into_iter()
         .map(|(id, p)| ReaderInfo {

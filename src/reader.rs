@@ -15,6 +15,7 @@ use crate::session::{self, lease_value};
 use crate::writer::{MAX_CHUNK_SIZE, Position, unix_ms};
 use bytes::{Buf, Bytes};
 use redis::Value;
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How long one blocking read waits on the relay before the reader checks the writer's lease.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -260,10 +262,9 @@ impl Reader {
             reported: Some(position),
             session: None,
             count: 16,
-            depth: 1,
             behind: false,
             far,
-            read_ahead_used: false,
+            ahead: Ahead::default(),
             batch_bytes: opts.batch_bytes.max(1),
             secret: opts.secret,
             shared: shared.clone(),
@@ -417,6 +418,66 @@ enum Step {
     Done,
 }
 
+/// A read-ahead request's answer and when it arrived.
+type Answered = (Instant, Result<Vec<Value>>);
+
+/// Bytes asked for in one read-ahead request: small enough that the window slides smoothly.
+const RANGE_BYTES: u64 = 1 << 20;
+/// The most a reader reads ahead when the channel sets no budget.
+const MAX_AHEAD_BYTES: u64 = 32 << 20;
+/// An answer that arrives this soon after its request shows the link keeps up: the reader
+/// may ask for more at once.
+const PROMPT: Duration = Duration::from_secs(1);
+/// An answer this late shows requests queue on a slow link: ask for less at once, so that
+/// none comes near the command timeout.
+const QUEUED: Duration = Duration::from_secs(4);
+
+/// How far a reader behind a distant relay reads ahead.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Ahead {
+    /// Records per request.
+    range: u64,
+    /// Records in flight at most: what the reply room the writer keeps free on the relay
+    /// holds, since every answer may sit there at once. 0: the reader never reads ahead.
+    max: u64,
+    /// Records in flight allowed now: it starts at one batch and grows while answers come
+    /// back promptly.
+    limit: u64,
+    /// Whether read-ahead was used yet (it is logged once).
+    announced: bool,
+}
+
+impl Ahead {
+    fn new(max_backlog: u64, max_payload: usize, batch: u64) -> Self {
+        let cost = crate::writer::reply_cost(max_payload);
+        let room = match max_backlog {
+            0 => MAX_AHEAD_BYTES,
+            budget => crate::writer::reply_room(budget).min(MAX_AHEAD_BYTES),
+        };
+        let max = room / cost;
+        if max < 2 {
+            return Self::default();
+        }
+        let range = (RANGE_BYTES / cost).clamp(1, max / 2);
+        Self {
+            range,
+            max,
+            limit: batch.clamp(range, max),
+            announced: false,
+        }
+    }
+
+    /// Widens the window by one request after a prompt answer (doubling it every round
+    /// trip, as long as the link keeps up), halves it after a late one.
+    fn adjust(&mut self, took: Duration) {
+        if took < PROMPT {
+            self.limit = (self.limit + self.range).min(self.max);
+        } else if took > QUEUED {
+            self.limit = (self.limit / 2).max(self.range);
+        }
+    }
+}
+
 struct Fetcher {
     conn: Conn,
     /// The connection the reader last registered on: a new one may reach a relay that lost
@@ -440,14 +501,11 @@ struct Fetcher {
     reported: Option<Position>,
     session: Option<SessionState>,
     count: usize,
-    /// Batches asked for at once when behind a distant relay.
-    depth: usize,
     /// Whether the last read returned a full batch.
     behind: bool,
     /// Whether the relay is far enough (a round trip of 2 ms or more) for read-ahead to pay.
     far: bool,
-    /// Whether read-ahead was used yet (it is logged once).
-    read_ahead_used: bool,
+    ahead: Ahead,
     batch_bytes: usize,
     secret: Option<Secret>,
     shared: Arc<Shared>,
@@ -466,13 +524,16 @@ impl Fetcher {
 
     async fn fetch(&mut self) -> Result<()> {
         loop {
-            let entries = if self.behind && self.depth > 1 {
-                self.read_ahead().await?
-            } else {
-                self.read(Some(BLOCK)).await?
-            };
+            if self.behind && self.ahead.max > 0 {
+                self.behind = false;
+                if let Step::Done = self.read_ahead().await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let entries = self.read(Some(BLOCK)).await?;
             // A full batch means more is probably waiting.
-            self.behind = entries.len() >= self.count;
+            self.behind = entries.len() >= self.batch();
             if entries.is_empty() {
                 if self.session.is_none() && self.session_lost().await? {
                     continue;
@@ -510,49 +571,78 @@ impl Fetcher {
         Ok(Step::Continue)
     }
 
-    /// Reads the next `depth` batches of the open session in one round trip, by predicting
-    /// their IDs (they are dense: `SESSION-SEQ`). Used when the reader is behind a distant
-    /// relay, where one batch per round trip would cap the rate. Stops at the first short
-    /// batch: what the later ones hold is read again after it.
-    async fn read_ahead(&mut self) -> Result<Vec<(String, Value)>> {
+    /// Streams the open session from a distant relay, where one batch per round trip would
+    /// cap the rate at batch / round trip: keeps several `XRANGE` requests for the next
+    /// records in flight (their IDs are dense, `SESSION-SEQ`, so they can be named before
+    /// they are read) and issues the next as each answer is handled, so the link stays busy
+    /// while the consumer takes the data. Returns at the first short answer, which means the
+    /// reader caught up (or records were trimmed, or the session ended): the requests still
+    /// in flight are dropped and a blocking read takes over from the last record handled.
+    async fn read_ahead(&mut self) -> Result<Step> {
         let (Some(state), Some((s, q))) = (
             &self.session,
             record::parse_entry_id(self.last_id.as_bytes()),
         ) else {
-            return self.read(Some(BLOCK)).await;
+            return Ok(Step::Continue);
         };
-        if state.id != s {
-            return self.read(Some(BLOCK)).await;
+        if state.id != s || self.ahead.max == 0 {
+            return Ok(Step::Continue);
         }
-        let mut pipe = redis::pipe();
-        let position = self.registration_update(&mut pipe);
-        let c = self.count as u64;
-        for i in 0..self.depth as u64 {
-            let first = q.saturating_add(1 + i * c);
-            pipe.cmd("XRANGE")
-                .arg(self.channel.stream_key())
-                .arg(record::entry_id(s, first))
-                .arg(record::entry_id(s, first.saturating_add(c - 1)));
-        }
-        if !self.read_ahead_used {
-            self.read_ahead_used = true;
+        if !self.ahead.announced {
+            self.ahead.announced = true;
             tracing::debug!(
-                "behind a distant relay: reading ahead {} batches of {} records",
-                self.depth,
-                self.count
+                "behind a distant relay: reading ahead up to {} records, {} per request",
+                self.ahead.max,
+                self.ahead.range
             );
         }
-        let replies: Vec<Value> = self.conn.pipe_unbounded(&pipe, COMMAND_TIMEOUT).await?;
-        self.reported = position;
-        let mut out = Vec::new();
-        for reply in replies {
-            let before = out.len();
-            self.parse_entries(reply, &mut out)?;
-            if ((out.len() - before) as u64) < c {
-                break;
+        let range = self.ahead.range;
+        // Each request: when it was issued, the records it asked for, and its answer with
+        // when that arrived.
+        let mut pending: VecDeque<(Instant, u64, AbortOnDropHandle<Answered>)> = VecDeque::new();
+        let mut next = q.saturating_add(1);
+        let mut in_flight = 0;
+        loop {
+            while in_flight + range <= self.ahead.limit.max(range) {
+                let mut pipe = redis::pipe();
+                let position = self.registration_update(&mut pipe);
+                // The report rides with the request; a request that fails takes the reader
+                // down or is sent again with it.
+                self.reported = position;
+                pipe.cmd("XRANGE")
+                    .arg(self.channel.stream_key())
+                    .arg(record::entry_id(s, next))
+                    .arg(record::entry_id(s, next.saturating_add(range - 1)));
+                let mut conn = self.conn.clone();
+                // An answer waits for those ahead of it; the window keeps that under
+                // `QUEUED`, well within twice the usual timeout.
+                let deadline = COMMAND_TIMEOUT * 2;
+                let task = tokio::spawn(async move {
+                    let reply = conn.pipe_unbounded::<Vec<Value>>(&pipe, deadline).await;
+                    (Instant::now(), reply)
+                });
+                pending.push_back((Instant::now(), range, AbortOnDropHandle::new(task)));
+                next = next.saturating_add(range);
+                in_flight += range;
             }
+            let (issued, asked, task) = pending.pop_front().expect("a request is in flight");
+            in_flight -= asked;
+            let (arrived, replies) = task.await.map_err(|e| Error::Io(io::Error::other(e)))?;
+            let mut replies = replies?;
+            let took = arrived - issued;
+            let mut entries = Vec::new();
+            if let Some(reply) = replies.pop() {
+                self.parse_entries(reply, &mut entries)?;
+            }
+            let full = entries.len() as u64 >= asked;
+            if let Step::Done = self.handle_all(entries).await? {
+                return Ok(Step::Done);
+            }
+            if !full {
+                return Ok(Step::Continue);
+            }
+            self.ahead.adjust(took);
         }
-        Ok(out)
     }
 
     /// Adds to `pipe` what the relay should know of this reader: its position when that
@@ -573,12 +663,19 @@ impl Fetcher {
         position
     }
 
+    /// Records asked for in one read. Behind a distant relay, as many as the read-ahead
+    /// window holds: a reader that keeps up with the writer reads once per round trip, and
+    /// gets all that arrived meanwhile.
+    fn batch(&self) -> usize {
+        self.count.max(self.ahead.limit as usize)
+    }
+
     /// Reads the next entries; reports the reader's position in the same round trip.
     async fn read(&mut self, block: Option<Duration>) -> Result<Vec<(String, Value)>> {
         let mut pipe = redis::pipe();
         let position = self.registration_update(&mut pipe);
         let cmd = pipe.cmd("XREAD");
-        cmd.arg("COUNT").arg(self.count);
+        cmd.arg("COUNT").arg(self.batch());
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
@@ -1086,13 +1183,9 @@ impl Fetcher {
         // Replies are copies of held records while the relay sends them: stay within the
         // part of the channel's budget the writer keeps free for them.
         self.count = crate::writer::reader_batch(begin.max_backlog, max_payload, self.batch_bytes);
-        self.depth = match (self.far, begin.max_backlog) {
-            (true, budget) if budget > 0 => {
-                let batch = self.count as u64 * crate::writer::reply_cost(max_payload);
-                (crate::writer::reply_room(budget) / batch).clamp(1, 8) as usize
-            }
-            _ => 1,
-        };
+        if self.far {
+            self.ahead = Ahead::new(begin.max_backlog, max_payload, self.count as u64);
+        }
         self.session = Some(SessionState {
             id,
             lease: lease_value(&begin.token),
@@ -1108,5 +1201,53 @@ impl Fetcher {
         self.shared.bytes.store(offset, Ordering::Relaxed);
         tracing::debug!(channel = self.channel.name(), session = id, "session found");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{DEFAULT_CHUNK_SIZE, RECORD_OVERHEAD, reply_cost};
+
+    #[test]
+    fn read_ahead_fits_the_reply_room_in_requests_of_about_a_mebibyte() {
+        let payload = DEFAULT_CHUNK_SIZE - RECORD_OVERHEAD;
+        let cost = reply_cost(payload);
+        let ahead = Ahead::new(64 << 20, payload, 15);
+        // A quarter of the 64 MiB budget is the reply room.
+        assert_eq!(ahead.max, (16 << 20) / cost);
+        assert!(ahead.max * cost <= 16 << 20);
+        assert_eq!(ahead.range, (1 << 20) / cost);
+        assert_eq!(ahead.limit, 15, "it starts at one batch");
+        // Without a budget, the reader's own bound holds.
+        assert_eq!(Ahead::new(0, payload, 15).max, MAX_AHEAD_BYTES / cost);
+        // Room for less than two records: no read-ahead at all.
+        assert_eq!(Ahead::new(1 << 20, payload, 1).max, 0);
+        // Records larger than a request still go one per request.
+        assert_eq!(Ahead::new(64 << 20, 4 << 20, 1).range, 1);
+    }
+
+    #[test]
+    fn the_window_grows_while_answers_are_prompt_and_halves_when_they_queue() {
+        let mut ahead = Ahead {
+            range: 3,
+            max: 20,
+            limit: 9,
+            announced: false,
+        };
+        ahead.adjust(Duration::from_millis(60));
+        assert_eq!(ahead.limit, 12);
+        for _ in 0..10 {
+            ahead.adjust(Duration::from_millis(60));
+        }
+        assert_eq!(ahead.limit, 20, "never beyond the reply room");
+        ahead.adjust(Duration::from_secs(2));
+        assert_eq!(ahead.limit, 20, "a middling answer changes nothing");
+        ahead.adjust(Duration::from_secs(5));
+        assert_eq!(ahead.limit, 10);
+        for _ in 0..10 {
+            ahead.adjust(Duration::from_secs(5));
+        }
+        assert_eq!(ahead.limit, 3, "never below one request");
     }
 }

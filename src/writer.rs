@@ -19,7 +19,7 @@ use crate::link::{Answer, Frame, Link};
 use crate::record::{self, Begin, End, EndStatus};
 use crate::session::{self, lease_value};
 use bytes::{BufMut, Bytes, BytesMut};
-use redis::{ToRedisArgs, Value};
+use redis::{FromRedisValue, ToRedisArgs, Value};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
@@ -31,6 +31,10 @@ use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, PollSender};
+use tokio_util::task::AbortOnDropHandle;
+
+/// The slowest reader's position and the IDs of the live readers.
+type PolledReaders = Result<(Option<Position>, Vec<String>)>;
 
 /// How long a writer's lease lasts without renewal. A writer killed without a chance to
 /// clean up frees its channel after this long.
@@ -396,6 +400,7 @@ impl Writer {
             held,
             readers: None,
             readers_seen: Instant::now(),
+            known_readers: Vec::new(),
             lost: lost_rx,
             stop_heartbeat: stop,
             shared: shared.clone(),
@@ -660,6 +665,8 @@ struct Sender {
     /// Position of the slowest live reader as last seen; `None` when none is registered.
     readers: Option<(u64, u64)>,
     readers_seen: Instant,
+    /// The readers registered at the last look.
+    known_readers: Vec<String>,
     /// Why the heartbeat stopped, if it failed.
     lost: oneshot::Receiver<Error>,
     stop_heartbeat: CancellationToken,
@@ -700,6 +707,9 @@ impl Sender {
         // The next record, encoded and waiting for room on the relay.
         let mut ready_record: Option<(RecordArg, u64)> = None;
         let mut poll_pause = Duration::from_millis(5);
+        // A look at the readers' positions under way: it takes a round trip, during which
+        // answers keep arriving and being settled.
+        let mut poll: Option<AbortOnDropHandle<PolledReaders>> = None;
         let mut seq = 1u64;
         let mut bytes = 0u64;
         let mut hasher = blake3::Hasher::new();
@@ -711,29 +721,31 @@ impl Sender {
                         && self.readers_seen.elapsed() > READERS_STALE
                     {
                         // Trimming depends on who reads: look again before deciding.
-                        self.refresh_readers().await?;
-                    }
-                    match self.make_room(size) {
-                        Room::Free(trim) => {
-                            if let Some(upto) = trim {
-                                let trim = self.xtrim(upto);
-                                self.send(&mut inflight, None, 0, trim).await;
+                        poll.get_or_insert_with(|| self.poll_readers());
+                        ready_record = Some((record, size));
+                    } else {
+                        match self.make_room(size) {
+                            Room::Free(trim) => {
+                                if let Some(upto) = trim {
+                                    let trim = self.xtrim(upto);
+                                    self.send(&mut inflight, None, 0, trim).await;
+                                }
+                                let rseq = record.seq;
+                                self.push_held((self.session, rseq), size);
+                                let frame = record.frame(&self.channel);
+                                self.send(&mut inflight, Some(rseq), size, frame).await;
+                                self.shared.waiting.store(false, Ordering::Relaxed);
+                                poll_pause = Duration::from_millis(5);
+                                continue;
                             }
-                            let rseq = record.seq;
-                            self.push_held((self.session, rseq), size);
-                            let frame = record.frame(&self.channel);
-                            self.send(&mut inflight, Some(rseq), size, frame).await;
-                            self.shared.waiting.store(false, Ordering::Relaxed);
-                            poll_pause = Duration::from_millis(5);
-                            continue;
-                        }
-                        Room::Wait(trim) => {
-                            if let Some(upto) = trim {
-                                let trim = self.xtrim(upto);
-                                self.send(&mut inflight, None, 0, trim).await;
+                            Room::Wait(trim) => {
+                                if let Some(upto) = trim {
+                                    let trim = self.xtrim(upto);
+                                    self.send(&mut inflight, None, 0, trim).await;
+                                }
+                                self.shared.waiting.store(true, Ordering::Relaxed);
+                                ready_record = Some((record, size));
                             }
-                            self.shared.waiting.store(true, Ordering::Relaxed);
-                            ready_record = Some((record, size));
                         }
                     }
                 } else if let Some(msg) = peeked.take() {
@@ -760,8 +772,27 @@ impl Sender {
                     let request = inflight.pop_front().expect("non-empty");
                     self.settle(request, answer, &mut inflight).await?;
                 }
-                _ = tokio::time::sleep(poll_pause), if waiting_for_readers => {
-                    self.refresh_readers().await?;
+                polled = async {
+                    match poll.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                }, if poll.is_some() => {
+                    poll = None;
+                    let (slowest, known) =
+                        polled.map_err(|e| Error::Io(io::Error::other(e)))??;
+                    let slowest = slowest.map(|p| (p.session, p.seq));
+                    if slowest != self.readers {
+                        // The readers move: look again soon, rather than after a pause
+                        // grown while they seemed stopped.
+                        poll_pause = Duration::from_millis(5);
+                    }
+                    self.readers = slowest;
+                    self.known_readers = known;
+                    self.readers_seen = Instant::now();
+                }
+                _ = tokio::time::sleep(poll_pause), if waiting_for_readers && poll.is_none() => {
+                    poll = Some(self.poll_readers());
                     poll_pause = (poll_pause * 2).min(MAX_READER_POLL);
                 }
                 msg = self.rx.recv(), if room && ready_record.is_none() && peeked.is_none() => {
@@ -898,12 +929,15 @@ impl Sender {
         Frame::command(&[b"XTRIM", key.as_bytes(), b"MINID", b"=", min_id.as_bytes()])
     }
 
-    /// Reads the live readers' positions; forgets readers whose position key expired.
-    async fn refresh_readers(&mut self) -> Result<()> {
-        let (slowest, _) = reader_positions(&mut self.ctl, &self.channel, true).await?;
-        self.readers = slowest.map(|p| (p.session, p.seq));
-        self.readers_seen = Instant::now();
-        Ok(())
+    /// Starts reading the live readers' positions; forgets readers whose position key
+    /// expired.
+    fn poll_readers(&self) -> AbortOnDropHandle<PolledReaders> {
+        let (mut ctl, channel) = (self.ctl.clone(), self.channel.clone());
+        let known = self.known_readers.clone();
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            let (slowest, live) = reader_positions(&mut ctl, &channel, true, &known).await?;
+            Ok((slowest, live.into_keys().collect()))
+        }))
     }
 
     /// Keeps the channel's statistics in its meta hash current.
@@ -1138,26 +1172,49 @@ impl Position {
 
 /// The live readers' positions and the slowest of them. With `forget`, readers whose
 /// position key has expired are removed from the registry.
+///
+/// The positions of the `known` readers (those seen last time) are asked for with the list,
+/// so that when no reader came or went it takes one round trip, not two: on a distant relay
+/// a writer waiting for its readers waits that long for each look.
 pub(crate) async fn reader_positions(
     ctl: &mut Conn,
     channel: &Channel,
     forget: bool,
+    known: &[String],
 ) -> Result<(Option<Position>, HashMap<String, Position>)> {
-    let ids: HashMap<String, String> = ctl
-        .query(redis::cmd("HGETALL").arg(channel.readers_key()))
-        .await?;
-    if ids.is_empty() {
-        return Ok((None, HashMap::new()));
-    }
-    let ids: Vec<String> = ids.into_keys().collect();
     let mut pipe = redis::pipe();
-    for id in &ids {
+    pipe.cmd("HGETALL").arg(channel.readers_key());
+    for id in known {
         pipe.cmd("GET").arg(channel.reader_key(id));
     }
-    let values: Vec<Option<String>> = ctl.pipe(&pipe).await?;
+    let mut replies: Vec<Value> = ctl.pipe(&pipe).await?;
+    let shape = |e: redis::ParsingError| ctl.error(&e.into());
+    let guessed: Vec<Option<String>> = replies
+        .drain(1..)
+        .map(|v| Option::<String>::from_redis_value(v).map_err(shape))
+        .collect::<Result<_>>()?;
+    let ids: HashMap<String, String> = match replies.pop() {
+        Some(v) => HashMap::from_redis_value(v).map_err(shape)?,
+        None => HashMap::new(),
+    };
+    let mut values: HashMap<String, Option<String>> = known
+        .iter()
+        .cloned()
+        .zip(guessed)
+        .filter(|(id, _)| ids.contains_key(id))
+        .collect();
+    let new: Vec<&String> = ids.keys().filter(|id| !values.contains_key(*id)).collect();
+    if !new.is_empty() {
+        let mut pipe = redis::pipe();
+        for id in &new {
+            pipe.cmd("GET").arg(channel.reader_key(id));
+        }
+        let got: Vec<Option<String>> = ctl.pipe(&pipe).await?;
+        values.extend(new.into_iter().cloned().zip(got));
+    }
     let mut live = HashMap::new();
     let mut dead = Vec::new();
-    for (id, value) in ids.into_iter().zip(values) {
+    for (id, value) in values {
         match value.as_deref().and_then(Position::parse) {
             Some(p) => {
                 live.insert(id, p);

@@ -19,7 +19,90 @@ fn feed(p: &mut Proc, data: Vec<u8>) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// The most bytes any reader of `channel` has reported as read (readers report with their
+/// requests).
+fn reported_offset(admin: &mut redis::Connection, channel: &str) -> u64 {
+    let ids: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("tube:{{{channel}}}:readers"))
+        .query(admin)
+        .unwrap_or_default();
+    ids.keys()
+        .filter_map(|id| {
+            redis::cmd("GET")
+                .arg(format!("tube:{{{channel}}}:reader:{id}"))
+                .query::<Option<String>>(admin)
+                .ok()
+                .flatten()
+        })
+        .filter_map(|p| {
+            p.split_once(' ')
+                .and_then(|(_, offset)| offset.parse().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 relay_tests! {
+    fn a_reader_behind_a_distant_relay_reads_ahead_then_keeps_up_with_the_live_writer(kind) {
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        proxy.set_latency(Duration::from_millis(50));
+        let mut admin = relay.admin();
+        let data = random_bytes(24 << 20, 41);
+        let (first, rest) = data.split_at(8 << 20);
+        // A small budget: the writer waits for the reader's reports through the long link
+        // too, and the reader's window is small enough to slide many times.
+        let mut w = relay.tube(&["write", "ahead", "--max-backlog", "16M"]);
+        w.env("TUBE_URL", proxy.url());
+        let mut w = Proc::spawn(w);
+        w.stdin().write_all(first).unwrap();
+        wait_until(Duration::from_secs(30), "the first part on the relay", || {
+            held_bytes(&mut admin, "ahead") >= first.len() as u64
+        });
+        // The reader starts behind: it reads ahead, runs into the end of what was written,
+        // then waits for the writer and follows it.
+        let mut r = relay.tube(&["read", "ahead", "-vv"]);
+        r.env("TUBE_URL", proxy.url());
+        let r = Proc::spawn(r);
+        wait_until(Duration::from_secs(30), "the reader to catch up", || {
+            reported_offset(&mut admin, "ahead") >= first.len() as u64
+        });
+        // From a thread: a writer whose reader failed waits for it and takes no more.
+        let feeder = feed(&mut w, rest.to_vec());
+        let r = r.wait(Duration::from_secs(60));
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        assert!(r.stdout == data, "not byte-exact ({} of {} bytes)", r.stdout.len(), data.len());
+        assert!(r.stderr.contains("reading ahead"), "read-ahead was not used: {}", r.stderr);
+        let w = w.wait(Duration::from_secs(60));
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        feeder.join().unwrap();
+    }
+
+    fn a_connection_cut_while_reading_ahead_loses_and_repeats_nothing(kind) {
+        let relay = TestRelay::start(kind);
+        let data = random_bytes(12 << 20, 42);
+        let w = write_all(&relay, "cut-ahead", &data, &["--max-backlog", "64M"]);
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        let proxy = FaultProxy::start(relay.port);
+        proxy.set_latency(Duration::from_millis(20));
+        // Slow enough that the cut lands while requests are in flight.
+        proxy.set_bandwidth(Some(4 << 20));
+        let mut admin = relay.admin();
+        let mut r = relay.tube(&["read", "cut-ahead", "-vv"]);
+        r.env("TUBE_URL", proxy.url());
+        let r = Proc::spawn(r);
+        wait_until(Duration::from_secs(30), "the reader to be under way", || {
+            reported_offset(&mut admin, "cut-ahead") >= 2 << 20
+        });
+        proxy.cut();
+        proxy.set_bandwidth(None);
+        let r = r.wait(Duration::from_secs(60));
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        assert!(r.stdout == data, "not byte-exact ({} of {} bytes)", r.stdout.len(), data.len());
+        assert!(r.stderr.contains("reading ahead"), "read-ahead was not used: {}", r.stderr);
+        assert!(proxy.accepted() >= 2, "the connection was not cut");
+    }
+
     fn max_in_flight_bounds_the_bytes_awaiting_the_relay(kind) {
         let relay = TestRelay::start(kind);
         let proxy = FaultProxy::start(relay.port);

@@ -29,6 +29,7 @@ fn short(case: Case) -> &'static str {
         Case::TubeZstd => "e: zstd",
         Case::SocatDelay => "f: socat+d",
         Case::TubeDelay => "f: redis+d",
+        Case::TubeDelayWide => "f: redis+d 256M",
     }
 }
 
