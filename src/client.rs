@@ -349,9 +349,12 @@ impl RelayConfig {
 /// flight, so that queuing a request never waits, which keeps requests in issue order.
 pub(crate) const PIPELINE_BUFFER: usize = 1024;
 
+/// The error codes with which a relay refuses a connection's credentials.
+pub(crate) const AUTH_REFUSALS: [&str; 3] = ["WRONGPASS", "NOAUTH", "NOPERM"];
+
 fn is_auth_error(e: &RedisError) -> bool {
     matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
-        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        || e.code().is_some_and(|code| AUTH_REFUSALS.contains(&code))
         || e.to_string().contains("invalid password")
 }
 

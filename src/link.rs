@@ -11,7 +11,7 @@
 //! Only the writer's appends and trims use this connection; everything else goes through
 //! [`crate::client::Conn`]. Answers are read in request order (RESP2; no `HELLO` is sent).
 
-use crate::client::{COMMAND_TIMEOUT, CONNECT_TIMEOUT, RelayConfig};
+use crate::client::{AUTH_REFUSALS, COMMAND_TIMEOUT, CONNECT_TIMEOUT, RelayConfig};
 use crate::error::{Error, Result};
 use bytes::{BufMut, Bytes, BytesMut};
 use redis::ConnectionAddr;
@@ -261,15 +261,10 @@ fn answer(frame: BytesFrame) -> Answer {
 }
 
 fn is_auth_refusal(e: &str) -> bool {
-    [
-        "WRONGPASS",
-        "NOAUTH",
-        "NOPERM",
-        "ERR AUTH",
-        "ERR invalid password",
-    ]
-    .iter()
-    .any(|code| e.starts_with(code))
+    AUTH_REFUSALS
+        .iter()
+        .chain(&["ERR AUTH", "ERR invalid password"])
+        .any(|code| e.starts_with(code))
 }
 
 /// Writes the frame whole, head and body in one system call where the socket takes them.
