@@ -129,6 +129,10 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 const READERS_STALE: Duration = Duration::from_millis(500);
 /// Longest pause between looks at the readers' positions while waiting for them.
 const MAX_READER_POLL: Duration = Duration::from_millis(200);
+/// Shortest pause between looks at the readers' positions.
+const MIN_READER_POLL: Duration = Duration::from_millis(5);
+/// Most looks at the readers' positions under way at once, on a distant relay.
+const MAX_LOOKS: usize = 8;
 
 /// How a writer sends.
 #[derive(Debug, Clone)]
@@ -334,15 +338,24 @@ impl Writer {
                     });
                 }
             }
+            let rtt = pinged.elapsed();
             let window_bytes = match opts.max_in_flight {
                 Some(bytes) => bytes.max(1),
-                None => window_bytes(pinged.elapsed()),
+                None => window_bytes(rtt),
             };
             let begin_size = stored_size(keys.begin.len() + RECORD_OVERHEAD);
-            Ok::<_, Error>((keys, held_before, begin_size, link, sealer, window_bytes))
+            Ok::<_, Error>((
+                keys,
+                held_before,
+                begin_size,
+                link,
+                sealer,
+                window_bytes,
+                rtt,
+            ))
         }
         .await;
-        let (keys, held_before, begin_len, link, sealer, window_bytes) = match begun {
+        let (keys, held_before, begin_len, link, sealer, window_bytes, rtt) = match begun {
             Ok(v) => v,
             Err(e) => {
                 release_lease(&mut ctl, channel, &lease, None).await;
@@ -401,6 +414,8 @@ impl Writer {
             readers: None,
             readers_seen: Instant::now(),
             known_readers: Vec::new(),
+            covered: 0,
+            looks: Looks::new(rtt),
             lost: lost_rx,
             stop_heartbeat: stop,
             shared: shared.clone(),
@@ -639,6 +654,48 @@ enum Outcome {
     Taken(u64),
 }
 
+/// The writer's looks at its readers' positions. On a distant relay several are under way,
+/// spaced a fraction of the round trip apart, so that a reader's progress is known a one-way
+/// trip after the relay learns it rather than up to a round trip later.
+struct Looks {
+    pending: VecDeque<AbortOnDropHandle<PolledReaders>>,
+    /// Earliest time for the next look.
+    next: Instant,
+    pause: Duration,
+    /// The pause while readers move: a quarter of the round trip, at least `MIN_READER_POLL`.
+    base: Duration,
+    /// When the slowest reader was last seen to move.
+    moved: Instant,
+    /// How long the readers may seem still before the looks slow down.
+    still: Duration,
+}
+
+impl Looks {
+    fn new(rtt: Duration) -> Self {
+        let base = (rtt / 4).max(MIN_READER_POLL);
+        Self {
+            pending: VecDeque::new(),
+            next: Instant::now(),
+            pause: base,
+            base,
+            moved: Instant::now(),
+            still: (rtt * 4).max(Duration::from_millis(250)),
+        }
+    }
+
+    /// Keeps the pace while readers move; backs off, up to `MAX_READER_POLL`, while they
+    /// seem stopped (a reader paused by its consumer), so the relay is not asked for nothing.
+    fn found(&mut self, moved: bool) {
+        if moved {
+            self.moved = Instant::now();
+            self.pause = self.base;
+            self.next = self.next.min(Instant::now() + self.base);
+        } else if self.moved.elapsed() > self.still {
+            self.pause = (self.pause * 2).min(MAX_READER_POLL.max(self.base));
+        }
+    }
+}
+
 /// The background half of a [`Writer`].
 struct Sender {
     rx: mpsc::Receiver<Msg>,
@@ -667,6 +724,9 @@ struct Sender {
     readers_seen: Instant,
     /// The readers registered at the last look.
     known_readers: Vec<String>,
+    /// Bytes at the front of `held` that the readers, as last seen, have fetched.
+    covered: u64,
+    looks: Looks,
     /// Why the heartbeat stopped, if it failed.
     lost: oneshot::Receiver<Error>,
     stop_heartbeat: CancellationToken,
@@ -706,10 +766,6 @@ impl Sender {
         let mut peeked: Option<Msg> = None;
         // The next record, encoded and waiting for room on the relay.
         let mut ready_record: Option<(RecordArg, u64)> = None;
-        let mut poll_pause = Duration::from_millis(5);
-        // A look at the readers' positions under way: it takes a round trip, during which
-        // answers keep arriving and being settled.
-        let mut poll: Option<AbortOnDropHandle<PolledReaders>> = None;
         let mut seq = 1u64;
         let mut bytes = 0u64;
         let mut hasher = blake3::Hasher::new();
@@ -721,7 +777,9 @@ impl Sender {
                         && self.readers_seen.elapsed() > READERS_STALE
                     {
                         // Trimming depends on who reads: look again before deciding.
-                        poll.get_or_insert_with(|| self.poll_readers());
+                        if self.looks.pending.is_empty() {
+                            self.look();
+                        }
                         ready_record = Some((record, size));
                     } else {
                         match self.make_room(size) {
@@ -735,7 +793,6 @@ impl Sender {
                                 let frame = record.frame(&self.channel);
                                 self.send(&mut inflight, Some(rseq), size, frame).await;
                                 self.shared.waiting.store(false, Ordering::Relaxed);
-                                poll_pause = Duration::from_millis(5);
                                 continue;
                             }
                             Room::Wait(trim) => {
@@ -764,7 +821,14 @@ impl Sender {
                     continue;
                 }
             }
+            // Look at the readers while waiting for them, and before that, once more than
+            // half the backlog is not known to be fetched: then, on a distant relay, what
+            // they fetched is known about when it is needed, a trip after they said so.
             let waiting_for_readers = ready_record.is_some() && room;
+            let want_look = waiting_for_readers
+                || (!self.live
+                    && self.held_total.saturating_sub(self.covered) > self.max_backlog / 2);
+            let may_look = want_look && self.looks.pending.len() < MAX_LOOKS;
             tokio::select! {
                 biased;
                 Ok(e) = &mut self.lost => return Err(e),
@@ -772,34 +836,26 @@ impl Sender {
                     let request = inflight.pop_front().expect("non-empty");
                     self.settle(request, answer, &mut inflight).await?;
                 }
-                polled = async {
-                    match poll.as_mut() {
+                looked = async {
+                    match self.looks.pending.front_mut() {
                         Some(task) => task.await,
                         None => std::future::pending().await,
                     }
-                }, if poll.is_some() => {
-                    poll = None;
+                }, if !self.looks.pending.is_empty() => {
+                    self.looks.pending.pop_front();
                     let (slowest, known) =
-                        polled.map_err(|e| Error::Io(io::Error::other(e)))??;
-                    let slowest = slowest.map(|p| (p.session, p.seq));
-                    if slowest != self.readers {
-                        // The readers move: look again soon, rather than after a pause
-                        // grown while they seemed stopped.
-                        poll_pause = Duration::from_millis(5);
-                    }
-                    self.readers = slowest;
-                    self.known_readers = known;
-                    self.readers_seen = Instant::now();
+                        looked.map_err(|e| Error::Io(io::Error::other(e)))??;
+                    self.seen(slowest.map(|p| (p.session, p.seq)), known);
                 }
-                _ = tokio::time::sleep(poll_pause), if waiting_for_readers && poll.is_none() => {
-                    poll = Some(self.poll_readers());
-                    poll_pause = (poll_pause * 2).min(MAX_READER_POLL);
+                _ = tokio::time::sleep_until(self.looks.next.into()), if may_look => {
+                    self.look();
                 }
                 msg = self.rx.recv(), if room && ready_record.is_none() && peeked.is_none() => {
                     peeked = Some(msg.map_or(Msg::Finish(EndStatus::Interrupted), |m| m));
                 }
             }
         };
+
         self.drain(&mut inflight).await?;
         let end = End {
             status,
@@ -894,6 +950,7 @@ impl Sender {
             }
             trim = Some(front.upto);
             self.held_total -= front.bytes;
+            self.covered = self.covered.saturating_sub(front.bytes);
             self.held.pop_front();
         }
         self.shared.held.store(self.held_total, Ordering::Relaxed);
@@ -931,13 +988,30 @@ impl Sender {
 
     /// Starts reading the live readers' positions; forgets readers whose position key
     /// expired.
-    fn poll_readers(&self) -> AbortOnDropHandle<PolledReaders> {
+    fn look(&mut self) {
         let (mut ctl, channel) = (self.ctl.clone(), self.channel.clone());
         let known = self.known_readers.clone();
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            let (slowest, live) = reader_positions(&mut ctl, &channel, true, &known).await?;
-            Ok((slowest, live.into_keys().collect()))
-        }))
+        self.looks
+            .pending
+            .push_back(AbortOnDropHandle::new(tokio::spawn(async move {
+                let (slowest, live) = reader_positions(&mut ctl, &channel, true, &known).await?;
+                Ok((slowest, live.into_keys().collect()))
+            })));
+        self.looks.next = Instant::now() + self.looks.pause;
+    }
+
+    /// Takes in the readers as a look found them.
+    fn seen(&mut self, slowest: Option<(u64, u64)>, known: Vec<String>) {
+        self.looks.found(slowest != self.readers);
+        self.readers = slowest;
+        self.known_readers = known;
+        self.readers_seen = Instant::now();
+        self.covered = self
+            .held
+            .iter()
+            .take_while(|h| self.may_trim(h.upto))
+            .map(|h| h.bytes)
+            .sum();
     }
 
     /// Keeps the channel's statistics in its meta hash current.
@@ -1527,6 +1601,34 @@ mod tests {
         assert_eq!(stored_size(65537), 81920 + n);
         assert_eq!(stored_size(262_144), 262_144 + n);
         assert_eq!(stored_size(18_000), 20_480 + n);
+    }
+
+    #[test]
+    fn looks_at_the_readers_keep_pace_while_they_move_and_back_off_while_they_stand() {
+        let near = Looks::new(Duration::from_micros(100));
+        assert_eq!(near.pause, MIN_READER_POLL);
+        let mut far = Looks::new(Duration::from_millis(50));
+        assert_eq!(
+            far.base,
+            Duration::from_micros(12_500),
+            "a quarter of the round trip"
+        );
+        // Still for less than `still`: a reader between two reads, keep the pace.
+        far.found(false);
+        assert_eq!(far.pause, far.base);
+        // Still for longer: slow down, doubling, up to the longest pause.
+        far.moved = Instant::now() - far.still - Duration::from_millis(1);
+        far.found(false);
+        assert_eq!(far.pause, far.base * 2);
+        for _ in 0..10 {
+            far.found(false);
+        }
+        assert_eq!(far.pause, MAX_READER_POLL);
+        // A reader moves: back to the pace at once, and the next look comes no later.
+        far.next = Instant::now() + MAX_READER_POLL;
+        far.found(true);
+        assert_eq!(far.pause, far.base);
+        assert!(far.next <= Instant::now() + far.base);
     }
 
     #[test]
