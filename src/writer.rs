@@ -855,7 +855,6 @@ impl Sender {
                 }
             }
         };
-
         self.drain(&mut inflight).await?;
         let end = End {
             status,

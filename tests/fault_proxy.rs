@@ -124,9 +124,22 @@ fn forwards_bytes_both_ways_unchanged() {
     let proxy = FaultProxy::start(echo.port);
     let s = connect(&proxy);
     stream_through(&s, 4 << 20);
-    assert_eq!(proxy.forwarded(Direction::Up), 4 << 20);
-    assert_eq!(proxy.forwarded(Direction::Down), 4 << 20);
+    assert_eq!(settled_count(&proxy, Direction::Up, 4 << 20), 4 << 20);
+    assert_eq!(settled_count(&proxy, Direction::Down, 4 << 20), 4 << 20);
     assert_eq!(proxy.accepted(), 1);
+}
+
+/// The proxy counts a chunk once its write has returned, which may be after the far end read
+/// it: waits (up to 5 s) for the count to reach `want`, and returns it.
+fn settled_count(proxy: &FaultProxy, direction: Direction, want: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = proxy.forwarded(direction);
+        if n >= want || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
