@@ -579,13 +579,14 @@ impl Fetcher {
     /// reader caught up (or records were trimmed, or the session ended): the requests still
     /// in flight are dropped and a blocking read takes over from the last record handled.
     async fn read_ahead(&mut self) -> Result<Step> {
+        debug_assert!(self.ahead.max > 0, "called only with a read-ahead window");
         let (Some(state), Some((s, q))) = (
             &self.session,
             record::parse_entry_id(self.last_id.as_bytes()),
         ) else {
             return Ok(Step::Continue);
         };
-        if state.id != s || self.ahead.max == 0 {
+        if state.id != s {
             return Ok(Step::Continue);
         }
         if !self.ahead.announced {

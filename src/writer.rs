@@ -782,28 +782,22 @@ impl Sender {
                         }
                         ready_record = Some((record, size));
                     } else {
-                        match self.make_room(size) {
-                            Room::Free(trim) => {
-                                if let Some(upto) = trim {
-                                    let trim = self.xtrim(upto);
-                                    self.send(&mut inflight, None, 0, trim).await;
-                                }
-                                let rseq = record.seq;
-                                self.push_held((self.session, rseq), size);
-                                let frame = record.frame(&self.channel);
-                                self.send(&mut inflight, Some(rseq), size, frame).await;
-                                self.shared.waiting.store(false, Ordering::Relaxed);
-                                continue;
-                            }
-                            Room::Wait(trim) => {
-                                if let Some(upto) = trim {
-                                    let trim = self.xtrim(upto);
-                                    self.send(&mut inflight, None, 0, trim).await;
-                                }
-                                self.shared.waiting.store(true, Ordering::Relaxed);
-                                ready_record = Some((record, size));
-                            }
+                        let room = self.make_room(size);
+                        let (Room::Free(trim) | Room::Wait(trim)) = room;
+                        if let Some(upto) = trim {
+                            let trim = self.xtrim(upto);
+                            self.send(&mut inflight, None, 0, trim).await;
                         }
+                        if let Room::Free(_) = room {
+                            let rseq = record.seq;
+                            self.push_held((self.session, rseq), size);
+                            let frame = record.frame(&self.channel);
+                            self.send(&mut inflight, Some(rseq), size, frame).await;
+                            self.shared.waiting.store(false, Ordering::Relaxed);
+                            continue;
+                        }
+                        self.shared.waiting.store(true, Ordering::Relaxed);
+                        ready_record = Some((record, size));
                     }
                 } else if let Some(msg) = peeked.take() {
                     match self.accept(msg, &mut peeked, &mut inflight).await? {
@@ -1212,6 +1206,7 @@ enum Accepted {
     End(EndStatus),
 }
 
+#[derive(Clone, Copy)]
 enum Room {
     /// The record fits (after trimming up to the ID given, if any).
     Free(Option<(u64, u64)>),

@@ -195,15 +195,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         args,
     };
 
+    let named = |c: &Case| {
+        ctx.args
+            .only
+            .iter()
+            .any(|o| c.name().contains(&o.to_lowercase()))
+    };
     let cases: Vec<Case> = Case::ALL
         .into_iter()
         .filter(|c| {
             ctx.args.only.is_empty()
-                || ctx.args.only.iter().any(|o| c.name().contains(&o.to_lowercase()))
+                || named(c)
                 // Ratios need their baseline.
-                || Case::ALL.iter().any(|t| {
-                    t.baseline() == Some(*c) && ctx.args.only.iter().any(|o| t.name().contains(&o.to_lowercase()))
-                })
+                || Case::ALL.iter().any(|t| t.baseline() == Some(*c) && named(t))
         })
         .collect();
     let mut results: Vec<CaseResult> = cases.iter().map(|c| CaseResult::new(*c)).collect();
