@@ -116,7 +116,7 @@ pub struct WriteArgs {
     pub window: u16,
     /// Most bytes of appends in flight (suffixes k, M). The writer holds them until the relay
     /// has them. Default: 4M to a relay under 2 ms away, else sized from the round trip, up
-    /// to 32M.
+    /// to a quarter of --max-backlog and at most 32M.
     #[arg(long, value_parser = parse_size_u64)]
     pub max_in_flight: Option<u64>,
     /// Most bytes the relay holds for this channel (suffixes k, M, G). When it is full, the

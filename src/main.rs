@@ -303,45 +303,46 @@ async fn pump_stdin(
     stop: &CancellationToken,
     channel: &Channel,
 ) -> Result<Pumped, Error> {
+    let mut ended = false;
     loop {
-        let piece = tokio::select! {
+        if ended && input.is_empty() {
+            let summary = writer.finish().await?;
+            tracing::info!(
+                "session {} of {channel}: {} bytes in {} records",
+                summary.session,
+                summary.bytes,
+                summary.records
+            );
+            return Ok(Pumped::Done);
+        }
+        // What was read goes to the writer as soon as it has room; until then, reading goes
+        // on into the same piece.
+        tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            piece = input.next() => piece,
+            _ = writer.ready(), if !input.is_empty() => {
+                let piece = input.take().expect("checked to be there");
+                writer.send(piece).await?;
+            }
+            more = input.fill(), if !ended && !input.is_full() => match more {
+                Ok(more) => ended = !more,
+                Err(e) => {
+                    let _ = writer.interrupt().await;
+                    return Err(Error::Io(io::Error::new(
+                        e.kind(),
+                        format!("reading stdin: {e}"),
+                    )));
+                }
+            },
             // The relay was lost for good while stdin was quiet.
-            _ = writer.stopped() => {
+            _ = writer.stopped(), if input.is_empty() => {
                 writer.finish().await?;
                 return Err(Error::Closed("writer"));
-            }
-        };
-        match piece {
-            None => {
-                let summary = writer.finish().await?;
-                tracing::info!(
-                    "session {} of {channel}: {} bytes in {} records",
-                    summary.session,
-                    summary.bytes,
-                    summary.records
-                );
-                return Ok(Pumped::Done);
-            }
-            Some(Ok(data)) => {
-                tokio::select! {
-                    sent = writer.send(data) => sent?,
-                    _ = stop.cancelled() => break,
-                }
-            }
-            Some(Err(e)) => {
-                let _ = writer.interrupt().await;
-                return Err(Error::Io(io::Error::new(
-                    e.kind(),
-                    format!("reading stdin: {e}"),
-                )));
             }
         }
     }
     // Stopped by a signal: send what was already read, then mark the session interrupted.
-    while let Some(Ok(data)) = input.try_next() {
+    while let Some(data) = input.take() {
         writer.send(data).await?;
     }
     let summary = writer.interrupt().await?;

@@ -15,20 +15,27 @@ use tokio::io::Interest;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-/// stdin for the writer, read in pieces of at most a record's payload. A pipe is read on the
-/// caller's thread when the runtime reports it readable, so a small message reaches the
-/// sender without waking another thread; anything else (a file, a terminal) is read by a
-/// thread of its own, since a blocking read cannot be cancelled (the process exits without
-/// waiting for that thread).
+/// stdin for the writer. Data is gathered into a piece of at most a record's payload until
+/// the writer takes it: at once when the writer is idle, so that a small message goes out
+/// alone; while the writer is busy, the piece keeps growing, so that under load a record is
+/// one full read buffer, never copied and never sharing its memory with another record.
+///
+/// A pipe is read on the caller's thread when the runtime reports it readable, so a small
+/// message reaches the sender without waking another thread; anything else (a file, a
+/// terminal) is read by a thread of its own, since a blocking read cannot be cancelled (the
+/// process exits without waiting for that thread).
 pub enum Stdin {
     /// A pipe, read when readable.
     Pipe(PipeStdin),
-    /// Reads handed over by the stdin thread.
-    Thread(mpsc::Receiver<io::Result<Bytes>>),
+    /// Reads handed over by the stdin thread: each is a piece of its own.
+    Thread {
+        rx: mpsc::Receiver<io::Result<Bytes>>,
+        piece: Option<Bytes>,
+    },
 }
 
 impl Stdin {
-    /// Opens stdin (a duplicate of file descriptor 0) for reads of at most `chunk` bytes.
+    /// Opens stdin (a duplicate of file descriptor 0) for pieces of at most `chunk` bytes.
     ///
     /// # Errors
     /// stdin is a directory (found before the session starts, so that the channel's latest
@@ -45,27 +52,58 @@ impl Stdin {
             // Left in blocking mode (other processes may share the pipe): see `PipeStdin`.
             return Ok(Self::Pipe(PipeStdin {
                 rx: pipe::Receiver::from_file_unchecked(input)?,
-                buf: BytesMut::new(),
+                piece: BytesMut::new(),
                 chunk,
-                ended: false,
             }));
         }
-        read_on_thread(input, chunk).map(Self::Thread)
+        let rx = read_on_thread(input, chunk)?;
+        Ok(Self::Thread { rx, piece: None })
     }
 
-    /// The next piece as soon as there is one; `None` at the end of input.
-    pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
+    /// Reads more into the piece, waiting until there is something to read; `false` at the
+    /// end of input. Call it only while [`Stdin::is_full`] is false. Cancel-safe.
+    pub async fn fill(&mut self) -> io::Result<bool> {
         match self {
-            Self::Pipe(p) => p.next().await,
-            Self::Thread(rx) => rx.recv().await,
+            Self::Pipe(p) => p.fill().await,
+            Self::Thread { rx, piece } => match rx.recv().await {
+                Some(Ok(read)) => {
+                    *piece = Some(read);
+                    Ok(true)
+                }
+                Some(Err(e)) => Err(e),
+                None => Ok(false),
+            },
         }
     }
 
-    /// A piece already read, without waiting.
-    pub fn try_next(&mut self) -> Option<io::Result<Bytes>> {
+    /// Whether the piece can take no more: it holds a record's payload, or reaches the end
+    /// of its buffer.
+    pub fn is_full(&self) -> bool {
         match self {
-            Self::Pipe(_) => None,
-            Self::Thread(rx) => rx.try_recv().ok(),
+            Self::Pipe(p) => {
+                let piece = &p.piece;
+                piece.len() >= p.chunk || (!piece.is_empty() && piece.capacity() == piece.len())
+            }
+            Self::Thread { piece, .. } => piece.is_some(),
+        }
+    }
+
+    /// Whether there is data to take.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Self::Pipe(p) => p.piece.is_empty(),
+            Self::Thread { piece, .. } => piece.is_none(),
+        }
+    }
+
+    /// Takes the piece gathered so far; `None` when there is none. Without waiting, a piece
+    /// the stdin thread has already read is taken when nothing was gathered.
+    pub fn take(&mut self) -> Option<Bytes> {
+        match self {
+            Self::Pipe(p) => (!p.piece.is_empty()).then(|| p.piece.split().freeze()),
+            Self::Thread { rx, piece } => piece
+                .take()
+                .or_else(|| rx.try_recv().ok().and_then(Result::ok)),
         }
     }
 }
@@ -76,19 +114,19 @@ impl Stdin {
 /// left, so that it returns at once.
 pub struct PipeStdin {
     rx: pipe::Receiver,
-    buf: BytesMut,
+    /// The piece being gathered, in a buffer of one record that pieces are cut from one
+    /// after the other: small messages share it, and under load a record is one whole
+    /// buffer. (Buffers of several records cost the writer more memory on a long link,
+    /// measured.) An empty piece starts a new buffer when the read at hand does not fit.
+    piece: BytesMut,
     chunk: usize,
-    ended: bool,
 }
 
 impl PipeStdin {
-    async fn next(&mut self) -> Option<io::Result<Bytes>> {
-        while !self.ended {
-            let closed = match self.rx.ready(Interest::READABLE).await {
-                Ok(ready) => ready.is_read_closed(),
-                Err(e) => return Some(Err(e)),
-            };
-            let (rx, buf, chunk) = (&self.rx, &mut self.buf, self.chunk);
+    async fn fill(&mut self) -> io::Result<bool> {
+        loop {
+            let closed = self.rx.ready(Interest::READABLE).await?.is_read_closed();
+            let (rx, piece, chunk) = (&self.rx, &mut self.piece, self.chunk);
             // Inside `try_io`, so that "would block" forgets only readiness seen before the
             // pipe was found empty.
             let read = rx.try_io(|| {
@@ -96,22 +134,40 @@ impl PipeStdin {
                 if unread == 0 && !closed {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
-                let want = unread.clamp(1, chunk);
-                read_piece(buf, want, |b| Ok(rustix::io::read(rx, b)?))
+                let want = unread.clamp(1, chunk - piece.len());
+                if piece.is_empty() && piece.capacity() < want {
+                    *piece = BytesMut::with_capacity(chunk);
+                }
+                // Within the piece's buffer, so that taking the piece never copies.
+                let room = want.min(piece.capacity() - piece.len());
+                debug_assert!(room > 0, "filled only while not full");
+                read_onto(piece, room, |b| Ok(rustix::io::read(rx, b)?))
             });
             match read {
-                Ok(Some(piece)) => return Some(Ok(piece)),
-                Ok(None) => self.ended = true,
+                Ok(n) => return Ok(n > 0),
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) => {}
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Err(e),
             }
         }
-        None
     }
+}
+
+/// Appends at most `want` bytes read with `read` to `buf`; the count read, 0 at the end of
+/// input. The bytes are zeroed before the read, since a read may fill fewer.
+fn read_onto(
+    buf: &mut BytesMut,
+    want: usize,
+    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let len = buf.len();
+    buf.resize(len + want, 0);
+    let n = read(&mut buf[len..]);
+    buf.truncate(len + *n.as_ref().unwrap_or(&0));
+    n
 }
 
 /// Reads at most `want` bytes with `read` into `buf` and splits them off; `None` at the end
@@ -333,6 +389,103 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    fn pipe_stdin(chunk: usize) -> (PipeStdin, File) {
+        let (rx, tx) = rustix::pipe::pipe().unwrap();
+        let stdin = PipeStdin {
+            rx: pipe::Receiver::from_file_unchecked(File::from(rx)).unwrap(),
+            piece: BytesMut::new(),
+            chunk,
+        };
+        (stdin, File::from(tx))
+    }
+
+    #[tokio::test]
+    async fn reads_gather_into_one_piece_until_taken_and_pieces_share_a_buffer() {
+        let (mut input, mut tx) = pipe_stdin(100);
+        let mut taken = Vec::new();
+        tx.write_all(b"hello ").unwrap();
+        assert!(input.fill().await.unwrap());
+        tx.write_all(b"world").unwrap();
+        assert!(input.fill().await.unwrap());
+        assert_eq!(
+            &input.piece[..],
+            b"hello world",
+            "both reads make one piece"
+        );
+        taken.push(input.piece.split().freeze());
+        // 89 bytes are left in the buffer: a read of 100 starts a new one.
+        tx.write_all(&[7; 150]).unwrap();
+        assert!(input.fill().await.unwrap());
+        assert_eq!(
+            input.piece.len(),
+            100,
+            "a piece stops at a record's payload"
+        );
+        let input = match Stdin::Pipe(input) {
+            full @ Stdin::Pipe(_) if full.is_full() => full,
+            _ => panic!("a record's payload fills a piece"),
+        };
+        let Stdin::Pipe(mut input) = input else {
+            unreachable!()
+        };
+        taken.push(input.piece.split().freeze());
+        assert!(input.fill().await.unwrap());
+        assert_eq!(input.piece.len(), 50);
+        taken.push(input.piece.split().freeze());
+        // Small pieces follow one another in the same buffer.
+        for message in [&b"a"[..], b"bc", b"def"] {
+            tx.write_all(message).unwrap();
+            assert!(input.fill().await.unwrap());
+            let piece = input.piece.split().freeze();
+            let last = taken.last().unwrap();
+            assert_eq!(piece.as_ptr(), last.as_ptr().wrapping_add(last.len()));
+            taken.push(piece);
+        }
+        // 44 bytes left: a piece that reaches the end of the buffer is full.
+        tx.write_all(&[8; 30]).unwrap();
+        assert!(input.fill().await.unwrap());
+        tx.write_all(&[8; 30]).unwrap();
+        assert!(input.fill().await.unwrap());
+        assert_eq!(input.piece.len(), 44);
+        let last = taken.last().unwrap();
+        assert_eq!(input.piece.as_ptr(), last.as_ptr().wrapping_add(last.len()));
+        let input = Stdin::Pipe(input);
+        assert!(input.is_full());
+        let Stdin::Pipe(mut input) = input else {
+            unreachable!()
+        };
+        taken.push(input.piece.split().freeze());
+        // An empty piece whose buffer has less room than the read starts a new buffer.
+        tx.write_all(&[9; 20]).unwrap();
+        assert!(input.fill().await.unwrap());
+        assert_eq!(
+            input.piece.len(),
+            36,
+            "the 16 left over and what came since"
+        );
+        assert!(input.piece.capacity() >= 100);
+        taken.push(input.piece.split().freeze());
+        let want = [
+            &b"hello world"[..],
+            &[7; 150],
+            b"abcdef",
+            &[8; 60],
+            &[9; 20],
+        ]
+        .concat();
+        assert_eq!(taken.concat(), want, "every byte once, in order");
+    }
+
+    #[tokio::test]
+    async fn the_end_of_input_is_found_after_the_last_read() {
+        let (mut input, mut tx) = pipe_stdin(100);
+        tx.write_all(b"last").unwrap();
+        drop(tx);
+        assert!(input.fill().await.unwrap());
+        assert!(!input.fill().await.unwrap());
+        assert_eq!(&input.piece[..], b"last");
     }
 
     #[test]

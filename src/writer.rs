@@ -55,13 +55,21 @@ pub const WINDOW_BYTES: u64 = 4 * 1024 * 1024;
 /// them, so this is also most of its memory on a long link (`--max-in-flight` caps it).
 pub const MAX_WINDOW_BYTES: u64 = 32 * 1024 * 1024;
 
-/// The bytes in flight that keep a relay `rtt` away busy.
-fn window_bytes(rtt: Duration) -> u64 {
+/// The bytes in flight that keep a relay `rtt` away busy, within a quarter of the channel's
+/// budget (`max_backlog`, 0 for none). More would buy nothing: a record stays in the backlog
+/// from its append until the writer learns that every reader fetched it, two round trips at
+/// least, so the backlog itself holds the rate below about a third of the budget per round
+/// trip. The default budget of 64M thus keeps a writer on a long link near 16M in flight.
+fn window_bytes(rtt: Duration, max_backlog: u64) -> u64 {
     if rtt < Duration::from_millis(2) {
         return WINDOW_BYTES;
     }
+    let most = match max_backlog {
+        0 => MAX_WINDOW_BYTES,
+        budget => (budget / 4).clamp(WINDOW_BYTES, MAX_WINDOW_BYTES),
+    };
     let want = (rtt.as_secs_f64() * 640e6) as u64;
-    want.clamp(WINDOW_BYTES, MAX_WINDOW_BYTES)
+    want.clamp(WINDOW_BYTES, most)
 }
 /// Largest record size accepted by [`WriteOptions`]; readers refuse larger records.
 pub const MAX_CHUNK_SIZE: usize = 16 * 1024 * 1024;
@@ -341,7 +349,7 @@ impl Writer {
             let rtt = pinged.elapsed();
             let window_bytes = match opts.max_in_flight {
                 Some(bytes) => bytes.max(1),
-                None => window_bytes(rtt),
+                None => window_bytes(rtt, opts.max_backlog),
             };
             let begin_size = stored_size(keys.begin.len() + RECORD_OVERHEAD);
             Ok::<_, Error>((
@@ -470,6 +478,16 @@ impl Writer {
             Ok(())
         } else {
             Err(self.failure().await)
+        }
+    }
+
+    /// Waits until [`Writer::send`] takes data without waiting, and says so; `false` when
+    /// the writer has stopped (the next call says why). A producer that gathers data
+    /// meanwhile sends it in fewer, fuller records, none of them copied.
+    pub async fn ready(&self) -> bool {
+        match self.tx.get_ref() {
+            Some(tx) => tx.reserve().await.is_ok(),
+            None => false,
         }
     }
 
@@ -1626,10 +1644,33 @@ mod tests {
     }
 
     #[test]
-    fn the_window_grows_with_the_round_trip() {
-        assert_eq!(window_bytes(Duration::from_micros(100)), WINDOW_BYTES);
-        assert_eq!(window_bytes(Duration::from_millis(30)), 19_200_000);
-        assert_eq!(window_bytes(Duration::from_millis(500)), MAX_WINDOW_BYTES);
+    fn the_window_grows_with_the_round_trip_within_a_quarter_of_the_budget() {
+        let wide = 1 << 30;
+        assert_eq!(window_bytes(Duration::from_micros(100), wide), WINDOW_BYTES);
+        assert_eq!(window_bytes(Duration::from_millis(30), wide), 19_200_000);
+        assert_eq!(
+            window_bytes(Duration::from_millis(500), wide),
+            MAX_WINDOW_BYTES
+        );
+        assert_eq!(
+            window_bytes(Duration::from_millis(500), 0),
+            MAX_WINDOW_BYTES
+        );
+        let default = DEFAULT_MAX_BACKLOG;
+        assert_eq!(window_bytes(Duration::from_millis(10), default), 6_400_000);
+        assert_eq!(
+            window_bytes(Duration::from_millis(50), default),
+            default / 4
+        );
+        assert_eq!(
+            window_bytes(Duration::from_millis(50), 256 << 20),
+            32_000_000
+        );
+        // A small budget never shrinks the window below what a nearby relay gets.
+        assert_eq!(
+            window_bytes(Duration::from_millis(50), 1 << 20),
+            WINDOW_BYTES
+        );
     }
 
     #[test]
