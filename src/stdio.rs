@@ -80,10 +80,7 @@ impl Stdin {
     /// of its buffer.
     pub fn is_full(&self) -> bool {
         match self {
-            Self::Pipe(p) => {
-                let piece = &p.piece;
-                piece.len() >= p.chunk || (!piece.is_empty() && piece.capacity() == piece.len())
-            }
+            Self::Pipe(p) => p.is_full(),
             Self::Thread { piece, .. } => piece.is_some(),
         }
     }
@@ -123,6 +120,11 @@ pub struct PipeStdin {
 }
 
 impl PipeStdin {
+    fn is_full(&self) -> bool {
+        let piece = &self.piece;
+        piece.len() >= self.chunk || (!piece.is_empty() && piece.capacity() == piece.len())
+    }
+
     async fn fill(&mut self) -> io::Result<bool> {
         loop {
             let closed = self.rx.ready(Interest::READABLE).await?.is_read_closed();
@@ -423,13 +425,7 @@ mod tests {
             100,
             "a piece stops at a record's payload"
         );
-        let input = match Stdin::Pipe(input) {
-            full @ Stdin::Pipe(_) if full.is_full() => full,
-            _ => panic!("a record's payload fills a piece"),
-        };
-        let Stdin::Pipe(mut input) = input else {
-            unreachable!()
-        };
+        assert!(input.is_full(), "a record's payload fills a piece");
         taken.push(input.piece.split().freeze());
         assert!(input.fill().await.unwrap());
         assert_eq!(input.piece.len(), 50);
@@ -451,11 +447,7 @@ mod tests {
         assert_eq!(input.piece.len(), 44);
         let last = taken.last().unwrap();
         assert_eq!(input.piece.as_ptr(), last.as_ptr().wrapping_add(last.len()));
-        let input = Stdin::Pipe(input);
         assert!(input.is_full());
-        let Stdin::Pipe(mut input) = input else {
-            unreachable!()
-        };
         taken.push(input.piece.split().freeze());
         // An empty piece whose buffer has less room than the read starts a new buffer.
         tx.write_all(&[9; 20]).unwrap();
