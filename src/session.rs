@@ -38,13 +38,22 @@ pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelStat
     let (stream, meta, writer) = (ch.stream_key(), ch.meta_key(), ch.writer_key());
     // GET on a key of another type fails, which would hide the clearer foreign-key error:
     // ask for the types first.
-    let (ts, tm, tw): (String, String, String) = {
-        let mut types = redis::pipe();
-        types.cmd("TYPE").arg(&stream);
-        types.cmd("TYPE").arg(&meta);
-        types.cmd("TYPE").arg(&writer);
-        conn.pipe(&types).await?
+    // The fields are read with the types, in one round trip: where a type is wrong, its
+    // read's answer is an error that is never looked at.
+    let mut pipe = redis::pipe();
+    pipe.cmd("TYPE").arg(&stream);
+    pipe.cmd("TYPE").arg(&meta);
+    pipe.cmd("TYPE").arg(&writer);
+    pipe.cmd("HMGET").arg(&meta).arg("proto").arg("session");
+    pipe.cmd("GET").arg(&writer);
+    let (ts, tm, tw, fields, lease): (Value, Value, Value, Value, Value) =
+        conn.pipe(pipe.ignore_errors()).await?;
+    let shape = |e: redis::RedisError| conn.error(&e);
+    // A refused TYPE (no permission, say) is reported as the relay worded it.
+    let kind = |v: Value| -> Result<String> {
+        redis::from_redis_value(v.extract_error().map_err(shape)?).map_err(|e| shape(e.into()))
     };
+    let (ts, tm, tw) = (kind(ts)?, kind(tm)?, kind(tw)?);
     for (key, kind, want) in [
         (&stream, &ts, "stream"),
         (&meta, &tm, "hash"),
@@ -57,11 +66,9 @@ pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelStat
             });
         }
     }
-    let mut pipe = redis::pipe();
-    pipe.cmd("HMGET").arg(&meta).arg("proto").arg("session");
-    pipe.cmd("GET").arg(&writer);
-    type Fields = (Option<String>, Option<String>);
-    let ((proto, session), lease): (Fields, Option<Vec<u8>>) = conn.pipe(&pipe).await?;
+    let (proto, session): (Option<String>, Option<String>) =
+        redis::from_redis_value(fields).map_err(|e| shape(e.into()))?;
+    let lease: Option<Vec<u8>> = redis::from_redis_value(lease).map_err(|e| shape(e.into()))?;
     if tm == "hash" {
         match proto.as_deref() {
             Some(META_PROTO) => {}
