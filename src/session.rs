@@ -36,10 +36,8 @@ pub(crate) struct ChannelState {
 /// write; [`Error::NewerProtocol`] when a newer tube wrote the channel.
 pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelState> {
     let (stream, meta, writer) = (ch.stream_key(), ch.meta_key(), ch.writer_key());
-    // GET on a key of another type fails, which would hide the clearer foreign-key error:
-    // ask for the types first.
     // The fields are read with the types, in one round trip: where a type is wrong, its
-    // read's answer is an error that is never looked at.
+    // read's answer is an error, looked at only after the clearer foreign-key check.
     let mut pipe = redis::pipe();
     pipe.cmd("TYPE").arg(&stream);
     pipe.cmd("TYPE").arg(&meta);

@@ -275,10 +275,18 @@ impl Writer {
         }
         let token: [u8; 16] = rand::random();
         let lease = lease_value(&token);
-        let Some((session, held_before)) = take_lease(&mut ctl, channel, &lease).await? else {
-            return Err(Error::Busy {
-                channel: channel.name().into(),
-            });
+        let (session, held_before) = match take_lease(&mut ctl, channel, &lease).await {
+            Ok(Some(taken)) => taken,
+            Ok(None) => {
+                return Err(Error::Busy {
+                    channel: channel.name().into(),
+                });
+            }
+            Err(e) => {
+                // The lease may have been taken before an answer could not be read.
+                release_lease(&mut ctl, channel, &lease, None).await;
+                return Err(e);
+            }
         };
         let begun = async {
             let mut begin = Begin {
