@@ -97,7 +97,7 @@ impl Stdin {
     /// the stdin thread has already read is taken when nothing was gathered.
     pub fn take(&mut self) -> Option<Bytes> {
         match self {
-            Self::Pipe(p) => (!p.piece.is_empty()).then(|| p.piece.split().freeze()),
+            Self::Pipe(p) => p.take(),
             Self::Thread { rx, piece } => piece
                 .take()
                 .or_else(|| rx.try_recv().ok().and_then(Result::ok)),
@@ -120,6 +120,10 @@ pub struct PipeStdin {
 }
 
 impl PipeStdin {
+    fn take(&mut self) -> Option<Bytes> {
+        (!self.piece.is_empty()).then(|| self.piece.split().freeze())
+    }
+
     fn is_full(&self) -> bool {
         let piece = &self.piece;
         piece.len() >= self.chunk || (!piece.is_empty() && piece.capacity() == piece.len())
@@ -403,62 +407,61 @@ mod tests {
         (stdin, File::from(tx))
     }
 
+    /// Writes `data` into the pipe and reads it into the piece (stdin has not ended).
+    async fn feed(input: &mut PipeStdin, tx: &mut File, data: &[u8]) {
+        tx.write_all(data).unwrap();
+        assert!(input.fill().await.unwrap());
+    }
+
     #[tokio::test]
     async fn reads_gather_into_one_piece_until_taken_and_pieces_share_a_buffer() {
         let (mut input, mut tx) = pipe_stdin(100);
         let mut taken = Vec::new();
-        tx.write_all(b"hello ").unwrap();
-        assert!(input.fill().await.unwrap());
-        tx.write_all(b"world").unwrap();
-        assert!(input.fill().await.unwrap());
+        feed(&mut input, &mut tx, b"hello ").await;
+        feed(&mut input, &mut tx, b"world").await;
         assert_eq!(
             &input.piece[..],
             b"hello world",
             "both reads make one piece"
         );
-        taken.push(input.piece.split().freeze());
+        taken.push(input.take().unwrap());
         // 89 bytes are left in the buffer: a read of 100 starts a new one.
-        tx.write_all(&[7; 150]).unwrap();
-        assert!(input.fill().await.unwrap());
+        feed(&mut input, &mut tx, &[7; 150]).await;
         assert_eq!(
             input.piece.len(),
             100,
             "a piece stops at a record's payload"
         );
         assert!(input.is_full(), "a record's payload fills a piece");
-        taken.push(input.piece.split().freeze());
+        taken.push(input.take().unwrap());
         assert!(input.fill().await.unwrap());
         assert_eq!(input.piece.len(), 50);
-        taken.push(input.piece.split().freeze());
+        taken.push(input.take().unwrap());
         // Small pieces follow one another in the same buffer.
         for message in [&b"a"[..], b"bc", b"def"] {
-            tx.write_all(message).unwrap();
-            assert!(input.fill().await.unwrap());
-            let piece = input.piece.split().freeze();
+            feed(&mut input, &mut tx, message).await;
+            let piece = input.take().unwrap();
             let last = taken.last().unwrap();
             assert_eq!(piece.as_ptr(), last.as_ptr().wrapping_add(last.len()));
             taken.push(piece);
         }
         // 44 bytes left: a piece that reaches the end of the buffer is full.
-        tx.write_all(&[8; 30]).unwrap();
-        assert!(input.fill().await.unwrap());
-        tx.write_all(&[8; 30]).unwrap();
-        assert!(input.fill().await.unwrap());
+        feed(&mut input, &mut tx, &[8; 30]).await;
+        feed(&mut input, &mut tx, &[8; 30]).await;
         assert_eq!(input.piece.len(), 44);
         let last = taken.last().unwrap();
         assert_eq!(input.piece.as_ptr(), last.as_ptr().wrapping_add(last.len()));
         assert!(input.is_full());
-        taken.push(input.piece.split().freeze());
+        taken.push(input.take().unwrap());
         // An empty piece whose buffer has less room than the read starts a new buffer.
-        tx.write_all(&[9; 20]).unwrap();
-        assert!(input.fill().await.unwrap());
+        feed(&mut input, &mut tx, &[9; 20]).await;
         assert_eq!(
             input.piece.len(),
             36,
             "the 16 left over and what came since"
         );
         assert!(input.piece.capacity() >= 100);
-        taken.push(input.piece.split().freeze());
+        taken.push(input.take().unwrap());
         let want = [
             &b"hello world"[..],
             &[7; 150],
