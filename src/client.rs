@@ -559,6 +559,28 @@ impl Conn {
         }
     }
 
+    /// Puts the commands of `pipe` on the connection now and does not wait for their
+    /// answers: for reports of which only the latest counts. They go out in the order of these
+    /// calls (the request queue has room to spare, see [`PIPELINE_BUFFER`]), so an older
+    /// report never lands after a newer one. Best effort: on a failed connection they are lost.
+    pub(crate) fn send_unanswered(&mut self, pipe: &redis::Pipeline) {
+        self.refresh();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for cmd in pipe.cmd_iter() {
+            let mut cmd = cmd.clone();
+            // The connection then reads the answer and drops it; the request is done once
+            // it is queued, which its first poll does. Unconstrained: a task that used up its
+            // scheduling budget would be told to wait, and the request would not be queued.
+            cmd.set_no_response(true);
+            let mut inner = self.inner.clone();
+            let request = async move { inner.send_packed_command(&cmd).await };
+            let mut request = std::pin::pin!(tokio::task::unconstrained(request));
+            if let std::task::Poll::Ready(Err(e)) = request.as_mut().poll(&mut cx) {
+                tracing::debug!("a report was not sent: {}", error_text(&e));
+            }
+        }
+    }
+
     /// Sends a pipeline with its own deadline (for one that holds a blocking read).
     pub(crate) async fn pipe_unbounded<T: FromRedisValue>(
         &mut self,

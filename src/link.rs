@@ -8,8 +8,10 @@
 //! lets a writer keep tens of megabytes in flight to a distant relay in little more memory
 //! than the data itself.
 //!
-//! Only the writer's appends and trims use this connection; everything else goes through
-//! [`crate::client::Conn`]. Answers are read in request order (RESP2; no `HELLO` is sent).
+//! The writer's appends and trims use this connection, and so does a reader that follows a
+//! distant relay ([`Link::waiting`]): its blocking reads must reach the relay in order, and its
+//! records arrive without a copy. Everything else goes through [`crate::client::Conn`].
+//! Answers are read in request order (RESP2; no `HELLO` is sent).
 
 use crate::client::{AUTH_REFUSALS, COMMAND_TIMEOUT, CONNECT_TIMEOUT, RelayConfig};
 use crate::error::{Error, Result};
@@ -94,6 +96,11 @@ fn put_decimal(out: &mut BytesMut, n: usize) {
     out.put_slice(n.to_string().as_bytes());
 }
 
+/// Answers of the writer's requests are IDs, counts and errors.
+const SMALL_ANSWER: usize = 1024;
+/// A deadline that never comes, in practice.
+const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 /// The relay's answer to one request.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Answer {
@@ -102,7 +109,9 @@ pub(crate) enum Answer {
     Simple(Bytes),
     /// An error reply, as the relay worded it.
     Refused(String),
-    /// Anything else (nil, arrays): never the answer to an append or a trim.
+    /// An array, as it came: the answer to a read.
+    Array(Vec<BytesFrame>),
+    /// Anything else (nil): never the answer to an append or a trim.
     Other(String),
 }
 
@@ -117,6 +126,10 @@ pub(crate) struct Link {
     due: Instant,
     /// Why the connection is broken, once it is: every later answer is this failure.
     broken: Option<String>,
+    /// Whether a relay that stays silent counts as lost; see [`Link::waiting`].
+    impatient: bool,
+    /// The largest answer expected, which sizes the reads from the socket.
+    max_answer: usize,
 }
 
 impl Link {
@@ -147,6 +160,8 @@ impl Link {
             outstanding: 0,
             due: Instant::now(),
             broken: None,
+            impatient: true,
+            max_answer: SMALL_ANSWER,
         };
         let settings = relay.info().redis_settings();
         let mut login = Vec::new();
@@ -185,6 +200,16 @@ impl Link {
             }
         }
         Ok(link)
+    }
+
+    /// For requests that wait on the relay for as long as it takes (blocking reads), and
+    /// whose answers are up to `max_answer` bytes: the relay's silence is no failure (the
+    /// caller checks on it by other means), and reads from the socket are sized so that an
+    /// answer mostly lands whole in one buffer, which the records taken from it then share.
+    pub(crate) fn waiting(mut self, max_answer: usize) -> Self {
+        self.impatient = false;
+        self.max_answer = max_answer.max(SMALL_ANSWER);
+        self
     }
 
     /// Sends one request. A failure is not returned here but as the answer to this and every
@@ -230,7 +255,17 @@ impl Link {
                     continue;
                 }
             }
-            let read = tokio::time::timeout_at(self.due, self.io.read_buf(&mut self.rbuf)).await;
+            if self.rbuf.capacity() - self.rbuf.len() < self.max_answer {
+                // A fresh buffer for several answers: the partial one is copied over, the
+                // answers already taken keep the old buffer alive only as long as they live.
+                self.rbuf.reserve(4 * self.max_answer);
+            }
+            let due = if self.impatient {
+                self.due
+            } else {
+                Instant::now() + FOREVER
+            };
+            let read = tokio::time::timeout_at(due, self.io.read_buf(&mut self.rbuf)).await;
             let failure = match read {
                 Ok(Ok(0)) => "the relay closed the connection".to_string(),
                 Ok(Ok(_)) => continue,
@@ -256,7 +291,7 @@ fn answer(frame: BytesFrame) -> Answer {
         BytesFrame::Integer(i) => Answer::Int(i),
         BytesFrame::Error(e) => Answer::Refused(e.to_string()),
         BytesFrame::Null => Answer::Other("nil".into()),
-        BytesFrame::Array(a) => Answer::Other(format!("an array of {}", a.len())),
+        BytesFrame::Array(a) => Answer::Array(a),
     }
 }
 
@@ -479,7 +514,9 @@ mod tests {
 
     #[test]
     fn answers_are_mapped_from_resp2() {
-        let mut buf = BytesMut::from(&b"$3\r\n1-2\r\n:5\r\n-ERR no\r\n+OK\r\n$-1\r\n"[..]);
+        let mut buf = BytesMut::from(
+            &b"$3\r\n1-2\r\n:5\r\n-ERR no\r\n+OK\r\n$-1\r\n*2\r\n$1\r\nr\r\n:1\r\n"[..],
+        );
         let mut got = Vec::new();
         while let Some((frame, _, _)) = decode_bytes_mut(&mut buf).expect("valid") {
             got.push(answer(frame));
@@ -492,6 +529,10 @@ mod tests {
                 Answer::Refused("ERR no".into()),
                 Answer::Simple(Bytes::from_static(b"OK")),
                 Answer::Other("nil".into()),
+                Answer::Array(vec![
+                    BytesFrame::BulkString(Bytes::from_static(b"r")),
+                    BytesFrame::Integer(1)
+                ]),
             ]
         );
     }

@@ -1,20 +1,22 @@
 //! The reading end of a channel.
 //!
 //! A fetch task keeps one `XREAD` outstanding while the caller consumes what the previous one
-//! returned, checks every record (sequence, offset, length, digest) and hands payloads over
-//! through a bounded queue, so a slow consumer holds the fetcher back instead of growing
-//! memory. The reader registers itself on the channel and keeps reporting the last record it
+//! returned (behind a distant relay: many, see `Fetcher::read_ahead` and `Fetcher::tail`),
+//! checks every record (sequence, offset, length, digest) and hands payloads over through a
+//! bounded queue, so a slow consumer holds the fetcher back instead of growing memory. The reader registers itself on the channel and keeps reporting the last record it
 //! fetched: that is what allows the writer to trim, and what holds it back.
 
 use crate::channel::Channel;
 use crate::client::{COMMAND_TIMEOUT, Conn, RelayConfig};
 use crate::crypto::{Sealer, Secret};
 use crate::error::{Error, Result};
+use crate::link::{Answer, Frame, Link};
 use crate::record::{self, Begin, Body, EndStatus};
 use crate::session::{self, lease_value};
 use crate::writer::{MAX_CHUNK_SIZE, Position, unix_ms};
 use bytes::{Buf, Bytes};
 use redis::Value;
+use redis_protocol::resp2::types::BytesFrame;
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
@@ -197,7 +199,8 @@ impl Reader {
         // The channel's check is one round trip: it tells how far the relay is, too.
         let inspected = std::time::Instant::now();
         let state = session::inspect(&mut conn, channel).await?;
-        let far = inspected.elapsed() >= Duration::from_millis(2);
+        let rtt = inspected.elapsed();
+        let far = rtt >= Duration::from_millis(2);
         let latest = state.latest_session;
         // Just before the latest session's begin record.
         let mut last = (
@@ -265,6 +268,11 @@ impl Reader {
             behind: false,
             far,
             ahead: Ahead::default(),
+            relay: relay.clone(),
+            rtt,
+            tailing: false,
+            tail_retry: None,
+            last_report: Instant::now(),
             batch_bytes: opts.batch_bytes.max(1),
             secret: opts.secret,
             shared: shared.clone(),
@@ -364,6 +372,65 @@ impl AsyncRead for Reader {
     }
 }
 
+/// What is wrong with an `XREAD` answer.
+#[derive(Debug, PartialEq, Eq)]
+enum Malformed {
+    /// Not arrays of streams, entries and fields as `XREAD` answers.
+    Shape,
+    /// The entry with this ID does not hold a record in its one field.
+    NotRecord(String),
+}
+
+/// The entries of an `XREAD` answer in RESP2 (arrays of streams, each its name and its
+/// entries, each an ID and its fields), with their records as they lie in the read buffer,
+/// not copied.
+fn xread_entries(streams: Vec<BytesFrame>) -> std::result::Result<Vec<(String, Bytes)>, Malformed> {
+    let mut out = Vec::new();
+    for stream in streams {
+        let BytesFrame::Array(mut name_entries) = stream else {
+            return Err(Malformed::Shape);
+        };
+        if name_entries.len() != 2 {
+            return Err(Malformed::Shape);
+        }
+        let Some(BytesFrame::Array(entries)) = name_entries.pop() else {
+            return Err(Malformed::Shape);
+        };
+        for entry in entries {
+            let BytesFrame::Array(mut pair) = entry else {
+                return Err(Malformed::Shape);
+            };
+            if pair.len() != 2 {
+                return Err(Malformed::Shape);
+            }
+            let (fields, id) = (pair.pop().expect("two"), pair.pop().expect("two"));
+            let id = match id {
+                BytesFrame::BulkString(id) | BytesFrame::SimpleString(id) => {
+                    String::from_utf8(id.to_vec()).map_err(|_| Malformed::Shape)?
+                }
+                _ => return Err(Malformed::Shape),
+            };
+            let record = match fields {
+                BytesFrame::Array(mut f)
+                    if f.len() == 2
+                        && matches!(&f[0], BytesFrame::BulkString(name) if name == record::FIELD) =>
+                {
+                    match f.pop() {
+                        Some(BytesFrame::BulkString(v)) => Some(v),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            match record {
+                Some(record) => out.push((id, record)),
+                None => return Err(Malformed::NotRecord(id)),
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -420,6 +487,17 @@ enum Step {
 
 /// A read-ahead request's answer and when it arrived.
 type Answered = (Instant, Result<Vec<Value>>);
+
+/// Most reads a tail keeps waiting on the relay.
+const MAX_TAIL: u64 = 256;
+/// What an `XREAD` answer of one record adds to the record: the arrays, the stream's name
+/// (at most a few hundred bytes), the ID and the field.
+const MAX_ANSWER_OVERHEAD: usize = 1024;
+/// How long a reader waits before it tries again to open a tail connection that failed.
+const TAIL_RETRY: Duration = Duration::from_secs(10);
+/// Least time between two reports of the position while tailing: the writer looks at it
+/// every few milliseconds at most.
+const REPORT_GAP: Duration = Duration::from_millis(2);
 
 /// Bytes asked for in one read-ahead request: small enough that the window slides smoothly.
 const RANGE_BYTES: u64 = 1 << 20;
@@ -506,6 +584,16 @@ struct Fetcher {
     /// Whether the relay is far enough (a round trip of 2 ms or more) for read-ahead to pay.
     far: bool,
     ahead: Ahead,
+    relay: RelayConfig,
+    /// The round trip to the relay, as the channel's check took it.
+    rtt: Duration,
+    /// Whether the reader caught up with the writer of a distant relay's open session and
+    /// should follow it with [`Fetcher::tail`].
+    tailing: bool,
+    /// No tail connection is tried again before this, after one could not be opened.
+    tail_retry: Option<Instant>,
+    /// When the position was last sent on its own (while tailing).
+    last_report: Instant,
     batch_bytes: usize,
     secret: Option<Secret>,
     shared: Arc<Shared>,
@@ -527,6 +615,15 @@ impl Fetcher {
             if self.behind && self.ahead.max > 0 {
                 self.behind = false;
                 if let Step::Done = self.read_ahead().await? {
+                    return Ok(());
+                }
+                // The read-ahead ends where the reader caught up.
+                self.tailing = true;
+                continue;
+            }
+            if self.tailing && self.ahead.max > 0 {
+                self.tailing = false;
+                if let Step::Done = self.tail().await? {
                     return Ok(());
                 }
                 continue;
@@ -555,6 +652,7 @@ impl Fetcher {
                 return Ok(());
             }
             if !self.behind {
+                self.tailing = true;
                 // Caught up: let the consumer take what just arrived before the next request
                 // goes out, so a message reaches stdout first. (Behind, fetch first.)
                 tokio::task::yield_now().await;
@@ -577,7 +675,7 @@ impl Fetcher {
     /// they are read) and issues the next as each answer is handled, so the link stays busy
     /// while the consumer takes the data. Returns at the first short answer, which means the
     /// reader caught up (or records were trimmed, or the session ended): the requests still
-    /// in flight are dropped and a blocking read takes over from the last record handled.
+    /// in flight are dropped and [`Fetcher::tail`] takes over from the last record handled.
     async fn read_ahead(&mut self) -> Result<Step> {
         debug_assert!(self.ahead.max > 0, "called only with a read-ahead window");
         let (Some(state), Some((s, q))) = (
@@ -644,6 +742,139 @@ impl Fetcher {
             }
             self.ahead.adjust(took);
         }
+    }
+
+    /// Follows the open session on a distant relay once the reader has caught up: keeps a
+    /// blocking read for each of the next records waiting on the relay (`XREAD COUNT 1 BLOCK 0`
+    /// after the record before it: the IDs are dense, so every read names its record), on a
+    /// connection of their own, which the relay serves in order. Each record then leaves the
+    /// relay as it lands, instead of waiting there for the reader's next request, and the
+    /// reader asks for another as each arrives. Its position goes out on the main connection
+    /// as it goes, since the tail connection answers nothing else before its reads.
+    ///
+    /// Returns, dropping that connection and the reads waiting on it, when the session ends,
+    /// when an answer is not the record it asked for (trimmed records, a new session), on any
+    /// failure, and when nothing came for a while and the writer is gone or the record is on
+    /// the relay all the same. A blocking read then takes over from the last record handled.
+    async fn tail(&mut self) -> Result<Step> {
+        let (Some(state), Some((s, q))) = (
+            &self.session,
+            record::parse_entry_id(self.last_id.as_bytes()),
+        ) else {
+            return Ok(Step::Continue);
+        };
+        if state.id != s || self.tail_retry.is_some_and(|t| Instant::now() < t) {
+            return Ok(Step::Continue);
+        }
+        let max_answer = state.max_payload + MAX_ANSWER_OVERHEAD;
+        let mut link = match Link::open(&self.relay).await {
+            Ok(link) => link.waiting(max_answer),
+            Err(e) => {
+                tracing::debug!("no connection for reading ahead: {e}");
+                self.tail_retry = Some(Instant::now() + TAIL_RETRY);
+                return Ok(Step::Continue);
+            }
+        };
+        let window = self.ahead.max.min(MAX_TAIL);
+        tracing::debug!("following the session with {window} reads waiting on the relay");
+        let key = self.channel.stream_key();
+        let tick = BLOCK.max(self.rtt * 4);
+        // The next record to ask for, and the next to arrive.
+        let mut next = q.saturating_add(1);
+        let mut want = next;
+        self.report_now();
+        loop {
+            while next - want < window {
+                let after = record::entry_id(s, next - 1);
+                link.send(&Frame::command(&[
+                    b"XREAD",
+                    b"COUNT",
+                    b"1",
+                    b"BLOCK",
+                    b"0",
+                    b"STREAMS",
+                    key.as_bytes(),
+                    after.as_bytes(),
+                ]))
+                .await;
+                next += 1;
+            }
+            let answer = tokio::select! {
+                answer = link.answer() => answer,
+                () = tokio::time::sleep(tick) => {
+                    if self.tail_stalled(s, want).await? {
+                        return Ok(Step::Continue);
+                    }
+                    continue;
+                }
+            };
+            let entries = match answer {
+                Ok(Answer::Array(streams)) => match xread_entries(streams) {
+                    Ok(entries) => entries,
+                    Err(Malformed::Shape) => {
+                        return Err(
+                            self.corrupt("the relay's XREAD answer has an unexpected shape".into())
+                        );
+                    }
+                    Err(Malformed::NotRecord(id)) => {
+                        return Err(self.corrupt(format!("stream entry {id} is not a tube record")));
+                    }
+                },
+                Ok(other) => {
+                    tracing::debug!("reading ahead stopped: the relay answered {other:?}");
+                    return Ok(Step::Continue);
+                }
+                Err(e) => {
+                    tracing::debug!("reading ahead stopped: {e}");
+                    return Ok(Step::Continue);
+                }
+            };
+            let expected = record::entry_id(s, want);
+            let aligned = entries.len() == 1 && entries[0].0 == expected;
+            for (id, raw) in entries {
+                if let Step::Done = self.handle_record(id, raw).await? {
+                    return Ok(Step::Done);
+                }
+            }
+            if !aligned || self.session.as_ref().is_none_or(|st| st.id != s) {
+                return Ok(Step::Continue);
+            }
+            want += 1;
+            self.report_now();
+        }
+    }
+
+    /// After a while without an answer on the tail connection: whether to give it up, because
+    /// the writer is gone, or because the record it waits for (or a later one) is on the relay
+    /// and yet did not come, so the connection no longer delivers.
+    async fn tail_stalled(&mut self, s: u64, want: u64) -> Result<bool> {
+        if self.writer_gone().await? {
+            return Ok(true);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.channel.stream_key())
+            .arg(record::entry_id(s, want))
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        let (later,): (Vec<Value>,) = self.conn.pipe(&pipe).await?;
+        Ok(!later.is_empty())
+    }
+
+    /// Sends the reader's position on its own, now, unless one went out very recently.
+    fn report_now(&mut self) {
+        if self.last_report.elapsed() < REPORT_GAP {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        let position = self.registration_update(&mut pipe);
+        if pipe.is_empty() {
+            return;
+        }
+        self.conn.send_unanswered(&pipe);
+        self.reported = position;
+        self.last_report = Instant::now();
     }
 
     /// Adds to `pipe` what the relay should know of this reader: its position when that
@@ -854,9 +1085,6 @@ impl Fetcher {
     }
 
     async fn handle(&mut self, id: String, fields: Value) -> Result<Step> {
-        let Some((s, q)) = record::parse_entry_id(id.as_bytes()) else {
-            return Err(self.corrupt(format!("stream entry {id} does not have a tube ID")));
-        };
         let raw = match fields {
             Value::Array(mut f)
                 if f.len() == 2 && f[0] == Value::BulkString(record::FIELD.into()) =>
@@ -869,6 +1097,14 @@ impl Fetcher {
                 }
             }
             _ => return Err(self.corrupt(format!("stream entry {id} is not a tube record"))),
+        };
+        self.handle_record(id, raw).await
+    }
+
+    /// Handles the record `raw`, stored under stream ID `id`.
+    async fn handle_record(&mut self, id: String, raw: Bytes) -> Result<Step> {
+        let Some((s, q)) = record::parse_entry_id(id.as_bytes()) else {
+            return Err(self.corrupt(format!("stream entry {id} does not have a tube ID")));
         };
         let rec = record::decode(raw).map_err(|source| Error::Decode {
             channel: self.channel.name().into(),
@@ -1250,5 +1486,93 @@ mod tests {
             ahead.adjust(Duration::from_secs(5));
         }
         assert_eq!(ahead.limit, 3, "never below one request");
+    }
+
+    /// A stream entry: its ID and its fields, names and values.
+    type Entry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+
+    /// An `XREAD` answer on the wire, as a Redis-protocol server sends it in RESP2.
+    fn xread_answer(key: &[u8], entries: &[Entry]) -> Vec<u8> {
+        fn bulk(out: &mut Vec<u8>, b: &[u8]) {
+            out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+            out.extend_from_slice(b);
+            out.extend_from_slice(b"\r\n");
+        }
+        let mut out = b"*1\r\n*2\r\n".to_vec();
+        bulk(&mut out, key);
+        out.extend_from_slice(format!("*{}\r\n", entries.len()).as_bytes());
+        for (id, fields) in entries {
+            out.extend_from_slice(b"*2\r\n");
+            bulk(&mut out, id.as_bytes());
+            out.extend_from_slice(format!("*{}\r\n", fields.len() * 2).as_bytes());
+            for (name, value) in fields {
+                bulk(&mut out, name);
+                bulk(&mut out, value);
+            }
+        }
+        out
+    }
+
+    fn decode(wire: Vec<u8>) -> std::result::Result<Vec<(String, Bytes)>, Malformed> {
+        let mut buf = bytes::BytesMut::from(&wire[..]);
+        let (frame, _, _) = redis_protocol::resp2::decode::decode_bytes_mut(&mut buf)
+            .expect("valid RESP2")
+            .expect("a whole frame");
+        assert!(buf.is_empty(), "one frame");
+        match frame {
+            BytesFrame::Array(streams) => xread_entries(streams),
+            other => panic!("not an array: {other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// Every entry of an answer comes out with its ID and its record, in order.
+        #[test]
+        fn xread_answers_give_their_entries(
+            records in proptest::collection::vec(
+                (0u64..1 << 40, 0u64..1 << 40, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)),
+                0..6,
+            ),
+        ) {
+            let entries: Vec<_> = records
+                .iter()
+                .map(|(s, q, r)| (format!("{s}-{q}"), vec![(b"r".to_vec(), r.clone())]))
+                .collect();
+            let got = decode(xread_answer(b"tube:{c}:stream", &entries)).expect("well formed");
+            let want: Vec<_> = records
+                .iter()
+                .map(|(s, q, r)| (format!("{s}-{q}"), Bytes::from(r.clone())))
+                .collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn xread_answers_that_are_not_records_are_refused() {
+        let other_field = vec![("1-1".to_string(), vec![(b"x".to_vec(), b"v".to_vec())])];
+        assert_eq!(
+            decode(xread_answer(b"k", &other_field)),
+            Err(Malformed::NotRecord("1-1".into()))
+        );
+        let two_fields = vec![(
+            "1-2".to_string(),
+            vec![
+                (b"r".to_vec(), b"v".to_vec()),
+                (b"r".to_vec(), b"w".to_vec()),
+            ],
+        )];
+        assert_eq!(
+            decode(xread_answer(b"k", &two_fields)),
+            Err(Malformed::NotRecord("1-2".into()))
+        );
+        // A stream without its name, and an entry that is not an array.
+        assert_eq!(
+            decode(b"*1\r\n*1\r\n*0\r\n".to_vec()),
+            Err(Malformed::Shape)
+        );
+        assert_eq!(
+            decode(b"*1\r\n*2\r\n$1\r\nk\r\n*1\r\n:5\r\n".to_vec()),
+            Err(Malformed::Shape)
+        );
     }
 }

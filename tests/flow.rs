@@ -42,6 +42,15 @@ fn reported_offset(admin: &mut redis::Connection, channel: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Clients of the relay waiting in a blocking read.
+fn blocked_clients(admin: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("clients").query(admin).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO clients tells blocked_clients")
+}
+
 relay_tests! {
     fn a_reader_behind_a_distant_relay_reads_ahead_then_keeps_up_with_the_live_writer(kind) {
         let relay = TestRelay::start(kind);
@@ -76,6 +85,77 @@ relay_tests! {
         let w = w.wait(Duration::from_secs(60));
         assert_eq!(w.code(), Some(0), "{}", w.stderr);
         feeder.join().unwrap();
+    }
+
+    fn a_reader_that_caught_up_with_a_distant_relay_follows_it_with_reads_waiting_there(kind) {
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        proxy.set_latency(Duration::from_millis(25));
+        let mut admin = relay.admin();
+        let data = random_bytes(12 << 20, 43);
+        let (first, rest) = data.split_at(4 << 20);
+        let mut r = relay.tube(&["read", "tail", "-vv"]);
+        r.env("TUBE_URL", proxy.url());
+        let r = Proc::spawn(r);
+        let mut w = relay.tube(&["write", "tail"]);
+        w.env("TUBE_URL", proxy.url());
+        let mut w = Proc::spawn(w);
+        w.stdin().write_all(first).unwrap();
+        w.stdin().flush().unwrap();
+        wait_until(Duration::from_secs(30), "the reader to catch up", || {
+            reported_offset(&mut admin, "tail") >= first.len() as u64
+        });
+        // A pause of several of the reader's checks: its reads wait on, for the records that
+        // come after it.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(blocked_clients(&mut admin) >= 1, "no read waits on the relay");
+        w.stdin().write_all(rest).unwrap();
+        let w = w.wait(Duration::from_secs(60));
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        // Its reads still waiting on the relay do not hold up its exit.
+        let r = r.wait(Duration::from_secs(10));
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        assert!(r.stdout == data, "not byte-exact ({} of {} bytes)", r.stdout.len(), data.len());
+        assert!(
+            r.stderr.contains("reads waiting on the relay"),
+            "the reader did not follow the writer: {}",
+            r.stderr
+        );
+        // Leaving, it closed their connection: nothing waits on the relay for it any more.
+        wait_until(Duration::from_secs(10), "the reader's reads to go", || {
+            blocked_clients(&mut admin) == 0
+        });
+    }
+
+    fn a_cut_while_following_a_distant_relay_loses_and_repeats_nothing(kind) {
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        proxy.set_latency(Duration::from_millis(20));
+        let mut admin = relay.admin();
+        let data = random_bytes(8 << 20, 44);
+        let (first, rest) = data.split_at(2 << 20);
+        let mut r = relay.tube(&["read", "tail-cut", "-vv"]);
+        r.env("TUBE_URL", proxy.url());
+        let r = Proc::spawn(r);
+        // The writer is near; only the reader's connections are cut.
+        let mut w = Proc::spawn(relay.tube(&["write", "tail-cut"]));
+        w.stdin().write_all(first).unwrap();
+        w.stdin().flush().unwrap();
+        wait_until(Duration::from_secs(30), "the reader to catch up", || {
+            reported_offset(&mut admin, "tail-cut") >= first.len() as u64
+        });
+        wait_until(Duration::from_secs(10), "its reads to wait on the relay", || {
+            blocked_clients(&mut admin) >= 1
+        });
+        let before = proxy.accepted();
+        proxy.cut();
+        w.stdin().write_all(rest).unwrap();
+        let w = w.wait(Duration::from_secs(60));
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        let r = r.wait(Duration::from_secs(60));
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        assert!(r.stdout == data, "not byte-exact ({} of {} bytes)", r.stdout.len(), data.len());
+        assert!(proxy.accepted() > before, "the reader did not connect again");
     }
 
     fn a_connection_cut_while_reading_ahead_loses_and_repeats_nothing(kind) {
