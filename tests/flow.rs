@@ -51,6 +51,34 @@ fn blocked_clients(admin: &mut redis::Connection) -> u64 {
         .expect("INFO clients tells blocked_clients")
 }
 
+/// Starts a reader of `channel` behind `proxy` (with `-vv` and `extra`) and a writer (behind
+/// the proxy too when `far_writer`), writes `first`, and waits until the reader reported all
+/// of it: it has caught up and follows the writer.
+fn caught_up(
+    relay: &TestRelay,
+    proxy: &FaultProxy,
+    channel: &str,
+    extra: &[&str],
+    far_writer: bool,
+    first: &[u8],
+) -> (Proc, Proc) {
+    let mut r = relay.tube(&[&["read", channel, "-vv"], extra].concat());
+    r.env("TUBE_URL", proxy.url());
+    let r = Proc::spawn(r);
+    let mut w = relay.tube(&["write", channel]);
+    if far_writer {
+        w.env("TUBE_URL", proxy.url());
+    }
+    let mut w = Proc::spawn(w);
+    w.stdin().write_all(first).unwrap();
+    w.stdin().flush().unwrap();
+    let mut admin = relay.admin();
+    wait_until(Duration::from_secs(30), "the reader to catch up", || {
+        reported_offset(&mut admin, channel) >= first.len() as u64
+    });
+    (r, w)
+}
+
 relay_tests! {
     fn a_reader_behind_a_distant_relay_reads_ahead_then_keeps_up_with_the_live_writer(kind) {
         let relay = TestRelay::start(kind);
@@ -94,17 +122,7 @@ relay_tests! {
         let mut admin = relay.admin();
         let data = random_bytes(12 << 20, 43);
         let (first, rest) = data.split_at(4 << 20);
-        let mut r = relay.tube(&["read", "tail", "-vv"]);
-        r.env("TUBE_URL", proxy.url());
-        let r = Proc::spawn(r);
-        let mut w = relay.tube(&["write", "tail"]);
-        w.env("TUBE_URL", proxy.url());
-        let mut w = Proc::spawn(w);
-        w.stdin().write_all(first).unwrap();
-        w.stdin().flush().unwrap();
-        wait_until(Duration::from_secs(30), "the reader to catch up", || {
-            reported_offset(&mut admin, "tail") >= first.len() as u64
-        });
+        let (r, mut w) = caught_up(&relay, &proxy, "tail", &[], true, first);
         // A pause of several of the reader's checks: its reads wait on, for the records that
         // come after it.
         std::thread::sleep(Duration::from_millis(2500));
@@ -127,6 +145,21 @@ relay_tests! {
         });
     }
 
+    fn a_writer_killed_while_a_distant_reader_follows_it_is_reported_as_vanished(kind) {
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        proxy.set_latency(Duration::from_millis(20));
+        let data = random_bytes(3 << 20, 45);
+        let (r, w) = caught_up(&relay, &proxy, "tail-kill", &["--retry-for", "2s"], false, &data);
+        w.signal(libc::SIGKILL);
+        // The lease lapses after 8 s; the reader then waits its --retry-for.
+        let r = r.wait(Duration::from_secs(40));
+        assert_eq!(r.code(), Some(4), "{}", r.stderr);
+        assert!(r.stderr.contains("vanished after 3145728 bytes"), "{}", r.stderr);
+        assert!(r.stdout == data, "not byte-exact ({} of {} bytes)", r.stdout.len(), data.len());
+        assert!(r.stderr.contains("reads waiting on the relay"), "{}", r.stderr);
+    }
+
     fn a_cut_while_following_a_distant_relay_loses_and_repeats_nothing(kind) {
         let relay = TestRelay::start(kind);
         let proxy = FaultProxy::start(relay.port);
@@ -134,16 +167,8 @@ relay_tests! {
         let mut admin = relay.admin();
         let data = random_bytes(8 << 20, 44);
         let (first, rest) = data.split_at(2 << 20);
-        let mut r = relay.tube(&["read", "tail-cut", "-vv"]);
-        r.env("TUBE_URL", proxy.url());
-        let r = Proc::spawn(r);
         // The writer is near; only the reader's connections are cut.
-        let mut w = Proc::spawn(relay.tube(&["write", "tail-cut"]));
-        w.stdin().write_all(first).unwrap();
-        w.stdin().flush().unwrap();
-        wait_until(Duration::from_secs(30), "the reader to catch up", || {
-            reported_offset(&mut admin, "tail-cut") >= first.len() as u64
-        });
+        let (r, mut w) = caught_up(&relay, &proxy, "tail-cut", &[], false, first);
         wait_until(Duration::from_secs(10), "its reads to wait on the relay", || {
             blocked_clients(&mut admin) >= 1
         });
