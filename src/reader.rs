@@ -799,8 +799,15 @@ impl Fetcher {
                 .await;
                 next += 1;
             }
+            // A position held back by the gap goes out when the gap is over: the writer may be
+            // waiting for it, and send nothing until it comes.
+            let held_back = self.reported != *self.shared.position.lock().expect("not poisoned");
             let answer = tokio::select! {
                 answer = link.answer() => answer,
+                () = tokio::time::sleep_until((self.last_report + REPORT_GAP).into()), if held_back => {
+                    self.report_now();
+                    continue;
+                }
                 () = tokio::time::sleep(tick) => {
                     if self.tail_stalled(s, want).await? {
                         return Ok(Step::Continue);
