@@ -23,6 +23,10 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// counts as lost, and the connection is replaced.
 pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A relay whose round trip takes at least this long is distant: the writer keeps more in
+/// flight to it, and its readers read ahead.
+pub(crate) const DISTANT: Duration = Duration::from_millis(2);
+
 /// How long writers and readers keep trying to get a lost relay back, by default.
 pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(60);
 /// First pause between reconnection attempts; it doubles up to [`MAX_RETRY_PAUSE`].

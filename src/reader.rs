@@ -200,7 +200,6 @@ impl Reader {
         let inspected = std::time::Instant::now();
         let state = session::inspect(&mut conn, channel).await?;
         let rtt = inspected.elapsed();
-        let far = rtt >= Duration::from_millis(2);
         let latest = state.latest_session;
         // Just before the latest session's begin record.
         let mut last = (
@@ -266,7 +265,6 @@ impl Reader {
             session: None,
             count: 16,
             behind: false,
-            far,
             ahead: Ahead::default(),
             relay: relay.clone(),
             rtt,
@@ -581,8 +579,6 @@ struct Fetcher {
     count: usize,
     /// Whether the last read returned a full batch.
     behind: bool,
-    /// Whether the relay is far enough (a round trip of 2 ms or more) for read-ahead to pay.
-    far: bool,
     ahead: Ahead,
     relay: RelayConfig,
     /// The round trip to the relay, as the channel's check took it.
@@ -658,6 +654,11 @@ impl Fetcher {
                 tokio::task::yield_now().await;
             }
         }
+    }
+
+    /// Whether the relay is far enough (a round trip of 2 ms or more) for read-ahead to pay.
+    fn far(&self) -> bool {
+        self.rtt >= crate::client::DISTANT
     }
 
     async fn handle_all(&mut self, entries: Vec<(String, Value)>) -> Result<Step> {
@@ -858,15 +859,9 @@ impl Fetcher {
         if self.writer_gone().await? {
             return Ok(true);
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE")
-            .arg(self.channel.stream_key())
-            .arg(record::entry_id(s, want))
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        let (later,): (Vec<Value>,) = self.conn.pipe(&pipe).await?;
-        Ok(!later.is_empty())
+        let from = record::entry_id(s, want);
+        let later = session::first_entry(&mut self.conn, &self.channel, &from, false).await?;
+        Ok(later.is_some())
     }
 
     /// Sends the reader's position on its own, now, unless one went out very recently.
@@ -1427,7 +1422,7 @@ impl Fetcher {
         // Replies are copies of held records while the relay sends them: stay within the
         // part of the channel's budget the writer keeps free for them.
         self.count = crate::writer::reader_batch(begin.max_backlog, max_payload, self.batch_bytes);
-        if self.far {
+        if self.far() {
             self.ahead = Ahead::new(begin.max_backlog, max_payload, self.count as u64);
         }
         self.session = Some(SessionState {

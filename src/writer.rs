@@ -61,7 +61,7 @@ pub const MAX_WINDOW_BYTES: u64 = 32 * 1024 * 1024;
 /// least, so the backlog itself holds the rate below about a third of the budget per round
 /// trip. The default budget of 64M thus keeps a writer on a long link near 16M in flight.
 fn window_bytes(rtt: Duration, max_backlog: u64) -> u64 {
-    if rtt < Duration::from_millis(2) {
+    if rtt < crate::client::DISTANT {
         return WINDOW_BYTES;
     }
     let most = match max_backlog {
