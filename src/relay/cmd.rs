@@ -99,11 +99,15 @@ impl State {
     }
 
     /// Wakes every client blocked on a key.
-    fn wake(&mut self, db: usize, key: &Bytes) {
-        if let Some(list) = self.waiters.remove(&(db, key.clone())) {
-            for (_, notify) in list {
-                notify.notify_one();
+    fn wake(&mut self, db: usize, key: &Bytes) -> bool {
+        match self.waiters.remove(&(db, key.clone())) {
+            Some(list) => {
+                for (_, notify) in &list {
+                    notify.notify_one();
+                }
+                !list.is_empty()
             }
+            None => false,
         }
     }
 
@@ -139,6 +143,8 @@ pub(crate) struct Client {
     pub name: Option<Bytes>,
     /// Woken when a stream this client waits on grows.
     pub notify: Arc<Notify>,
+    /// Whether this client's last requests woke blocked clients.
+    pub woke: bool,
 }
 
 /// The server's configuration as commands see it.
@@ -1307,7 +1313,7 @@ fn xadd(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     match added {
         Some(Ok(id)) => {
             bulk_id(c.out, id);
-            c.st.wake(db, key);
+            c.cl.woke |= c.st.wake(db, key);
             Ok(Flow::Continue)
         }
         Some(Err(e)) => {
@@ -1897,6 +1903,7 @@ mod tests {
                     authenticated: true,
                     name: None,
                     notify: Arc::new(Notify::new()),
+                    woke: false,
                 },
                 now: 1_000_000,
                 password: None,
@@ -1948,6 +1955,21 @@ mod tests {
             h.run("CLIENT FOO"),
             "-ERR unknown subcommand 'FOO'. Try CLIENT HELP."
         );
+    }
+
+    #[test]
+    fn an_append_says_whether_it_woke_a_blocked_reader() {
+        let mut h = Harness::new();
+        h.run("XADD s 1-1 f v");
+        assert!(!h.cl.woke, "nobody waits yet");
+        assert_eq!(h.run("XREAD BLOCK 0 STREAMS s $"), "<blocked>");
+        h.run("XADD other 1-1 f v");
+        assert!(!h.cl.woke, "the reader waits on another stream");
+        h.run("XADD s 1-2 f v");
+        assert!(h.cl.woke);
+        h.cl.woke = false;
+        h.run("XADD s 1-3 f v");
+        assert!(!h.cl.woke, "a waiter is woken once");
     }
 
     #[test]

@@ -150,6 +150,7 @@ pub(crate) async fn run<S: Transport>(shared: Arc<Shared>, sock: S, addr: Socket
             authenticated,
             name: None,
             notify: Arc::new(Notify::new()),
+            woke: false,
         },
         buf: BytesMut::new(),
         out: Out::new(),
@@ -185,6 +186,11 @@ impl<S: Transport> Conn<S> {
                     }
                     return end;
                 }
+            }
+            if std::mem::take(&mut self.client.woke) {
+                // The readers this client's appends woke answer first: a blocked reader is
+                // someone waiting for data, the appender only for its acknowledgement.
+                tokio::task::yield_now().await;
             }
             if let Err(end) = self.flush().await {
                 return end;
