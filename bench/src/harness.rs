@@ -270,23 +270,40 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     if !ctx.args.no_latency {
-        for r in results.iter_mut().filter(|r| r.unavailable.is_none()) {
-            let mut samples = Vec::new();
-            let mut error = None;
-            for run in 0..ctx.args.latency_runs {
+        // Interleaved like the throughput runs: a burst of load on the machine lands on every
+        // case's samples, not on one case's tail.
+        let mut samples: Vec<Vec<u64>> = vec![Vec::new(); results.len()];
+        let mut errors: Vec<Option<String>> = vec![None; results.len()];
+        for run in 0..ctx.args.latency_runs {
+            for (i, r) in results.iter().enumerate() {
+                if r.unavailable.is_some() || errors[i].is_some() {
+                    continue;
+                }
                 match latency_run(&mut ctx, r.case, run) {
-                    Ok(s) => samples.extend(s),
-                    Err(e) => {
-                        error = Some(format!("{e:#}"));
-                        break;
+                    Ok(s) => {
+                        let one = LatencyStats::from_ns(&s);
+                        eprintln!(
+                            "  latency    {:<21} run {}: p50 {:.3} ms, p99 {:.3} ms",
+                            r.case.name(),
+                            run + 1,
+                            one.p50_ms,
+                            one.p99_ms
+                        );
+                        samples[i].extend(s);
                     }
+                    Err(e) => errors[i] = Some(format!("{e:#}")),
                 }
             }
-            match &error {
+        }
+        for ((r, samples), error) in results.iter_mut().zip(samples).zip(errors) {
+            if r.unavailable.is_some() {
+                continue;
+            }
+            match error {
                 None => {
                     let s = LatencyStats::from_ns(&samples);
                     eprintln!(
-                        "  latency    {:<21} p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                        "  latency    {:<21} all runs: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
                         r.case.name(),
                         s.p50_ms,
                         s.p99_ms,
@@ -296,7 +313,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
                 Some(e) => {
                     eprintln!("  latency    {:<21} FAILED: {e}", r.case.name());
-                    r.latency = Some(Err(e.clone()));
+                    r.latency = Some(Err(e));
                 }
             }
         }

@@ -75,8 +75,8 @@ pub struct RunArgs {
     /// Latency messages per second.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100000))]
     pub rate: u32,
-    /// Latency runs per case; their samples are pooled.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    /// Latency runs per case, interleaved across cases; their samples are pooled.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub latency_runs: u32,
     /// Delay the proxy adds in each direction, in milliseconds.
     #[arg(long, default_value_t = 25)]
