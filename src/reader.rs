@@ -128,12 +128,17 @@ pub struct Reader {
     heartbeat: JoinHandle<()>,
     shared: Arc<Shared>,
     registration: Registration,
+    /// Whether [`Reader::close`] removed the registration already.
+    closed: bool,
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
         self.task.abort();
         self.heartbeat.abort();
+        if self.closed {
+            return;
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let registration = self.registration.clone();
             rt.spawn(async move { registration.remove().await });
@@ -284,6 +289,7 @@ impl Reader {
             heartbeat: tokio::spawn(heartbeat(registration.clone(), shared.clone())),
             shared,
             registration,
+            closed: false,
         })
     }
 
@@ -323,9 +329,15 @@ impl Reader {
 
     /// Stops reading and removes the reader's registration from the relay at once (rather
     /// than when it expires).
-    pub async fn close(self) {
-        self.task.abort();
+    pub async fn close(mut self) {
         self.heartbeat.abort();
+        self.closed = true;
+        if self.finished {
+            // The fetch task ended the stream and is removing the registration now.
+            let _ = (&mut self.task).await;
+            return;
+        }
+        self.task.abort();
         self.registration.clone().remove().await;
     }
 
@@ -602,8 +614,9 @@ impl Fetcher {
             Ok(()) => Ok(Event::Eof),
             Err(e) => Err(e),
         };
-        self.registration.clone().remove().await;
+        // The consumer finishes its output while the relay forgets this reader.
         let _ = self.tx.send(event).await;
+        self.registration.clone().remove().await;
     }
 
     async fn fetch(&mut self) -> Result<()> {

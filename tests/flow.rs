@@ -295,6 +295,22 @@ relay_tests! {
         feeder.join().unwrap();
     }
 
+    fn a_reader_that_exits_leaves_no_registration_behind(kind) {
+        let relay = TestRelay::start(kind);
+        let mut admin = relay.admin();
+        let reader = Proc::spawn(relay.tube(&["read", "done"]));
+        wait_until(Duration::from_secs(10), "the reader", || registered_readers(&mut admin, "done") == 1);
+        let w = write_all(&relay, "done", b"the whole session", &[]);
+        assert_eq!(w.code(), Some(0), "{}", w.stderr);
+        let r = reader.wait(Duration::from_secs(10));
+        assert_eq!(r.code(), Some(0), "{}", r.stderr);
+        assert_eq!(r.stdout, b"the whole session");
+        // Removed before the reader exits, not left to expire.
+        assert_eq!(registered_readers(&mut admin, "done"), 0);
+        let positions: Vec<String> = redis::cmd("KEYS").arg("tube:{done}:reader:*").query(&mut admin).unwrap();
+        assert!(positions.is_empty(), "{positions:?}");
+    }
+
     fn a_dead_reader_stops_holding_the_writer_back(kind) {
         let relay = TestRelay::start(kind);
         let mut admin = relay.admin();
