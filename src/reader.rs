@@ -1466,9 +1466,9 @@ mod tests {
         let payload = DEFAULT_CHUNK_SIZE - RECORD_OVERHEAD;
         let cost = reply_cost(payload);
         let ahead = Ahead::new(64 << 20, payload, 15);
-        // A quarter of the 64 MiB budget is the reply room.
-        assert_eq!(ahead.max, (16 << 20) / cost);
-        assert!(ahead.max * cost <= 16 << 20);
+        // Five sixteenths of the 64 MiB budget are the reply room.
+        assert_eq!(ahead.max, (20 << 20) / cost);
+        assert!(ahead.max * cost <= 20 << 20);
         assert_eq!(ahead.range, (1 << 20) / cost);
         assert_eq!(ahead.limit, 15, "it starts at one batch");
         // Without a budget, the reader's own bound holds.

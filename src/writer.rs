@@ -80,10 +80,14 @@ pub const MAX_CHUNK_SIZE: usize = 16 * 1024 * 1024;
 pub const RECORD_OVERHEAD: usize = 64;
 /// The part of a channel's memory budget kept free for replies in flight: while the relay
 /// sends a reader its batch, the batch is a copy of held records, so records are held only
-/// up to three quarters of the budget. Readers use half of this room (see
-/// [`reader_batch`]), leaving the rest for the connections' own buffers.
+/// up to eleven sixteenths of the budget. Readers use half of this room per read (see
+/// [`reader_batch`]), leaving the rest for the connections' own buffers; behind a distant
+/// relay, where a round trip of reads must be in flight to keep the rate, all of it. Five
+/// sixteenths rather than a quarter: through a 25 ms-each-way proxy, 1 GiB with the default
+/// budget moved 277 MB/s against 265, with less memory on the relay (the backlog is what
+/// stays there).
 pub fn reply_room(max_backlog: u64) -> u64 {
-    max_backlog / 4
+    max_backlog / 16 * 5
 }
 
 /// How many records a reader asks for at once so that its reply fits the room the writer
@@ -1681,8 +1685,8 @@ mod tests {
 
     #[test]
     fn reader_batches_fit_the_reply_room() {
-        // 64 KiB records in a 4 MiB budget: 512 KiB for replies of 80 KiB each.
-        assert_eq!(reader_batch(4 << 20, 65536 - RECORD_OVERHEAD, 4 << 20), 6);
+        // 64 KiB records in a 4 MiB budget: 640 KiB for replies of 80 KiB each.
+        assert_eq!(reader_batch(4 << 20, 65536 - RECORD_OVERHEAD, 4 << 20), 7);
         // The default: 256 KiB records, 64 MiB budget, 4 MiB batches.
         assert_eq!(
             reader_batch(64 << 20, DEFAULT_CHUNK_SIZE - RECORD_OVERHEAD, 4 << 20),
