@@ -55,18 +55,20 @@ pub const WINDOW_BYTES: u64 = 4 * 1024 * 1024;
 /// them, so this is also most of its memory on a long link (`--max-in-flight` caps it).
 pub const MAX_WINDOW_BYTES: u64 = 32 * 1024 * 1024;
 
-/// The bytes in flight that keep a relay `rtt` away busy, within a quarter of the channel's
-/// budget (`max_backlog`, 0 for none). More would buy nothing: a record stays in the backlog
-/// from its append until the writer learns that every reader fetched it, two round trips at
-/// least, so the backlog itself holds the rate below about a third of the budget per round
-/// trip. The default budget of 64M thus keeps a writer on a long link near 16M in flight.
+/// The bytes in flight that keep a relay `rtt` away busy, within the channel's reply room
+/// (five sixteenths of the budget `max_backlog`, 0 for none): the appends in flight and the
+/// reads waiting on the relay each cover a round trip of the same rate. More would buy
+/// little: a record stays in the backlog from its append until the writer learns that every
+/// reader fetched it, two round trips at least, so the backlog itself holds the rate below
+/// about a third of the budget per round trip. The default budget of 64M thus keeps a writer
+/// on a long link near 20M in flight, which is most of its memory (about 30 MiB in all).
 fn window_bytes(rtt: Duration, max_backlog: u64) -> u64 {
     if rtt < crate::client::DISTANT {
         return WINDOW_BYTES;
     }
     let most = match max_backlog {
         0 => MAX_WINDOW_BYTES,
-        budget => (budget / 4).clamp(WINDOW_BYTES, MAX_WINDOW_BYTES),
+        budget => reply_room(budget).clamp(WINDOW_BYTES, MAX_WINDOW_BYTES),
     };
     let want = (rtt.as_secs_f64() * 640e6) as u64;
     want.clamp(WINDOW_BYTES, most)
@@ -390,7 +392,10 @@ impl Writer {
             upto: (session, 0),
             bytes: begin_len,
         });
-        let (tx, rx) = mpsc::channel(8);
+        // Data waiting for the sender: on a long link the window is full most of the time and
+        // whatever waits here is memory only (two pieces rather than eight: 1.8 MiB less,
+        // loopback throughput unchanged).
+        let (tx, rx) = mpsc::channel(2);
         let sender = Sender {
             rx,
             link,
@@ -1654,7 +1659,7 @@ mod tests {
     }
 
     #[test]
-    fn the_window_grows_with_the_round_trip_within_a_quarter_of_the_budget() {
+    fn the_window_grows_with_the_round_trip_within_the_reply_room() {
         let wide = 1 << 30;
         assert_eq!(window_bytes(Duration::from_micros(100), wide), WINDOW_BYTES);
         assert_eq!(window_bytes(Duration::from_millis(30), wide), 19_200_000);
@@ -1668,10 +1673,7 @@ mod tests {
         );
         let default = DEFAULT_MAX_BACKLOG;
         assert_eq!(window_bytes(Duration::from_millis(10), default), 6_400_000);
-        assert_eq!(
-            window_bytes(Duration::from_millis(50), default),
-            default / 4
-        );
+        assert_eq!(window_bytes(Duration::from_millis(50), default), 20 << 20);
         assert_eq!(
             window_bytes(Duration::from_millis(50), 256 << 20),
             32_000_000
