@@ -35,17 +35,37 @@ pub(crate) struct ChannelState {
 /// [`Error::ForeignKey`] when a key of the channel's name holds something tube did not
 /// write; [`Error::NewerProtocol`] when a newer tube wrote the channel.
 pub(crate) async fn inspect(conn: &mut Conn, ch: &Channel) -> Result<ChannelState> {
-    let (stream, meta, writer) = (ch.stream_key(), ch.meta_key(), ch.writer_key());
-    // The fields are read with the types, in one round trip: where a type is wrong, its
-    // read's answer is an error, looked at only after the clearer foreign-key check.
     let mut pipe = redis::pipe();
+    inspection(&mut pipe, ch);
+    let (ts, tm, tw, fields, lease): (Value, Value, Value, Value, Value) =
+        conn.pipe(pipe.ignore_errors()).await?;
+    inspected(conn, ch, [ts, tm, tw, fields, lease]).await
+}
+
+/// How many commands [`inspection`] adds.
+pub(crate) const INSPECTION: usize = 5;
+
+/// Adds to `pipe` the reads that [`inspected`] checks: the key types and the fields, in one
+/// round trip, which a caller may share with its next commands. Where a type is wrong, its
+/// read's answer is an error, looked at only after the clearer foreign-key check, so `pipe`
+/// must ignore errors.
+pub(crate) fn inspection(pipe: &mut redis::Pipeline, ch: &Channel) {
+    let (stream, meta, writer) = (ch.stream_key(), ch.meta_key(), ch.writer_key());
     pipe.cmd("TYPE").arg(&stream);
     pipe.cmd("TYPE").arg(&meta);
     pipe.cmd("TYPE").arg(&writer);
     pipe.cmd("HMGET").arg(&meta).arg("proto").arg("session");
     pipe.cmd("GET").arg(&writer);
-    let (ts, tm, tw, fields, lease): (Value, Value, Value, Value, Value) =
-        conn.pipe(pipe.ignore_errors()).await?;
+}
+
+/// Checks the answers to [`inspection`] (see [`inspect`]).
+pub(crate) async fn inspected(
+    conn: &mut Conn,
+    ch: &Channel,
+    answers: [Value; INSPECTION],
+) -> Result<ChannelState> {
+    let (stream, meta, writer) = (ch.stream_key(), ch.meta_key(), ch.writer_key());
+    let [ts, tm, tw, fields, lease] = answers;
     let shape = |e: redis::RedisError| conn.error(&e);
     // A refused TYPE (no permission, say) is reported as the relay worded it.
     let kind = |v: Value| -> Result<String> {

@@ -274,11 +274,6 @@ impl Writer {
         // round trip sooner to the first byte.
         let link = AbortOnDropHandle::new(tokio::spawn(open_link(relay.clone())));
         let mut ctl = relay.connect().await?;
-        if session::inspect(&mut ctl, channel).await?.lease.is_some() {
-            return Err(Error::Busy {
-                channel: channel.name().into(),
-            });
-        }
         let token: [u8; 16] = rand::random();
         let lease = lease_value(&token);
         let (session, held_before) = match take_lease(&mut ctl, channel, &lease).await {
@@ -755,22 +750,26 @@ impl Sender {
         self.stop_heartbeat.cancel();
         // Best effort. After a success the relay has just answered; after a failure it is
         // not worth waiting for.
-        let mut conn = match outcome {
-            Ok(_) => self.ctl.clone(),
-            Err(_) => self.ctl.fragile(),
-        };
-        if outcome.is_ok() {
-            let _ = self.keys.restore(&mut conn).await;
-        }
         let mut last = redis::pipe();
         self.stats(&mut last);
-        release_lease(
-            &mut conn,
-            &self.channel,
-            &self.keys.lease,
-            Some((self.session, last)),
-        )
-        .await;
+        let ended = Some((self.session, last));
+        let lease = &self.keys.lease;
+        if outcome.is_ok() {
+            // One round trip asks both whether the relay still describes the session and
+            // whose the lease is.
+            let mut conn = self.ctl.clone();
+            let mut ask = redis::pipe();
+            ask.cmd("HEXISTS").arg(self.channel.meta_key()).arg("begin");
+            ask.cmd("GET").arg(self.channel.writer_key());
+            if let Ok((kept, current)) = conn.pipe::<(bool, Option<String>)>(&ask).await {
+                if !kept {
+                    let _ = self.keys.rewrite(&mut conn).await;
+                }
+                end_lease(&mut conn, &self.channel, lease, current, ended).await;
+            }
+        } else {
+            release_lease(&mut self.ctl.fragile(), &self.channel, lease, ended).await;
+        }
         match &outcome {
             Ok(s) => tracing::debug!(channel = self.channel.name(), ?s, "session ended"),
             Err(e) => tracing::debug!(channel = self.channel.name(), %e, "writer failed"),
@@ -1372,7 +1371,10 @@ async fn open_link(relay: RelayConfig) -> Result<(Link, Duration)> {
 /// the begin record lands. Also returns the bytes the relay holds of earlier sessions, as the
 /// last writer recorded them.
 async fn take_lease(ctl: &mut Conn, channel: &Channel, lease: &str) -> Result<Option<(u64, u64)>> {
+    // The channel's keys are checked in the same round trip: if they turn out not to be
+    // tube's, the lease just taken is given back.
     let mut pipe = redis::pipe();
+    session::inspection(&mut pipe, channel);
     pipe.cmd("SET")
         .arg(channel.writer_key())
         .arg(lease)
@@ -1389,12 +1391,28 @@ async fn take_lease(ctl: &mut Conn, channel: &Channel, lease: &str) -> Result<Op
         .arg(channel.meta_key())
         .arg("session")
         .arg("held");
-    type Meta = (Option<u64>, Option<u64>);
-    let (took, last, (counted, held)): (Option<String>, Vec<(String, Value)>, Meta) =
-        ctl.pipe(&pipe).await?;
+    let (ts, tm, tw, fields, current, took, last, meta): (
+        Value,
+        Value,
+        Value,
+        Value,
+        Value,
+        Value,
+        Value,
+        Value,
+    ) = ctl.pipe(pipe.ignore_errors()).await?;
+    let state = session::inspected(ctl, channel, [ts, tm, tw, fields, current]).await?;
+    if state.lease.is_some() {
+        return Ok(None);
+    }
+    let shape = |e: redis::RedisError| ctl.error(&e);
+    let took: Option<String> = redis::from_redis_value(took).map_err(|e| shape(e.into()))?;
     if took.is_none() {
         return Ok(None);
     }
+    let last: Vec<(String, Value)> = redis::from_redis_value(last).map_err(|e| shape(e.into()))?;
+    let (counted, held): (Option<u64>, Option<u64>) =
+        redis::from_redis_value(meta).map_err(|e| shape(e.into()))?;
     let last_session = last
         .first()
         .and_then(|(id, _)| record::parse_entry_id(id.as_bytes()))
@@ -1417,23 +1435,37 @@ async fn release_lease(
     lease: &str,
     ended: Option<(u64, redis::Pipeline)>,
 ) {
-    let key = channel.writer_key();
-    let current: Result<Option<String>> = ctl.query(redis::cmd("GET").arg(&key)).await;
-    if matches!(current, Ok(Some(ref v)) if v == lease) {
-        let mut pipe = match ended {
-            Some((session, mut last)) => {
-                last.cmd("HSET")
-                    .arg(channel.meta_key())
-                    .arg("ended")
-                    .arg(session)
-                    .ignore();
-                last
-            }
-            None => redis::pipe(),
-        };
-        pipe.cmd("DEL").arg(&key).ignore();
-        let _: Result<()> = ctl.pipe(&pipe).await;
+    let current: Result<Option<String>> =
+        ctl.query(redis::cmd("GET").arg(channel.writer_key())).await;
+    if let Ok(current) = current {
+        end_lease(ctl, channel, lease, current, ended).await;
     }
+}
+
+/// [`release_lease`] once the lease's `current` holder is known.
+async fn end_lease(
+    ctl: &mut Conn,
+    channel: &Channel,
+    lease: &str,
+    current: Option<String>,
+    ended: Option<(u64, redis::Pipeline)>,
+) {
+    if current.as_deref() != Some(lease) {
+        return;
+    }
+    let mut pipe = match ended {
+        Some((session, mut last)) => {
+            last.cmd("HSET")
+                .arg(channel.meta_key())
+                .arg("ended")
+                .arg(session)
+                .ignore();
+            last
+        }
+        None => redis::pipe(),
+    };
+    pipe.cmd("DEL").arg(channel.writer_key()).ignore();
+    let _: Result<()> = ctl.pipe(&pipe).await;
 }
 
 /// What a writer needs to hold its session, and to put it back on a relay that lost it.
@@ -1519,6 +1551,11 @@ impl SessionKeys {
         if kept {
             return Ok(());
         }
+        self.rewrite(conn).await
+    }
+
+    /// Writes the session's meta hash and begin record again, which the relay lost.
+    async fn rewrite(&self, conn: &mut Conn) -> Result<()> {
         tracing::warn!(
             "the relay at {} lost the description of session {} of {}; writing it again",
             conn.addr(),
