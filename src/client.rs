@@ -508,6 +508,11 @@ impl Conn {
         &self.link.relay.addr
     }
 
+    /// The relay this connection goes to, for opening another.
+    pub(crate) fn relay(&self) -> &RelayConfig {
+        &self.link.relay
+    }
+
     /// Maps a client-library error.
     pub(crate) fn error(&self, e: &RedisError) -> Error {
         let addr = self.addr().to_string();

@@ -396,9 +396,9 @@ async fn read(common: &Common, args: ReadArgs) -> Result<ExitCode, Error> {
             _ = stop.cancelled() => {
                 // Deregister now rather than when the registration expires: a writer need not
                 // wait for this reader, and a channel that never gets a writer (which would
-                // clean up after it) keeps no trace of it. The relay answers after the
-                // outstanding blocking read, within about a second; a second signal exits at
-                // once.
+                // clean up after it) keeps no trace of it. The reader's own connection may
+                // be held by a blocking read for up to a second, so a new one is tried
+                // beside it; a second signal exits at once.
                 let _ = tokio::time::timeout(DEREGISTER_WAIT, reader.close()).await;
                 return Ok(signal_exit(&signal_status));
             }

@@ -169,6 +169,24 @@ impl Registration {
         let _: Result<()> = conn.pipe(&pipe).await;
     }
 
+    /// [`Registration::remove`] while the reader's connection may be held by a blocking read
+    /// (up to a second): also over a new connection, whichever is answered first.
+    async fn remove_now(self) {
+        let fresh = {
+            let this = self.clone();
+            async move {
+                match this.conn.relay().connect().await {
+                    Ok(conn) => Registration { conn, ..this }.remove().await,
+                    Err(_) => std::future::pending().await,
+                }
+            }
+        };
+        tokio::select! {
+            () = fresh => {}
+            () = self.remove() => {}
+        }
+    }
+
     /// Also keeps the readers hash from outliving its readers: on a channel without a writer
     /// (whose heartbeat sets the channel's expiry) nothing else would remove the entry of a
     /// reader that was killed.
@@ -338,7 +356,7 @@ impl Reader {
             return;
         }
         self.task.abort();
-        self.registration.clone().remove().await;
+        self.registration.clone().remove_now().await;
     }
 
     fn end(&mut self, event: Option<Result<Event>>) -> Result<Option<Bytes>> {
