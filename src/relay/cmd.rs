@@ -4,7 +4,7 @@
 //! [`Out`]; an `Err` is an error reply. Replies and error strings follow Redis 7 so that any
 //! Redis client, `redis-cli` included, sees what it expects.
 
-use super::db::{self, Hash, Keyspace, List, Value};
+use super::db::{self, Collection, Hash, Keyspace, Kind, List, Value};
 use super::glob;
 use super::stream::{self, AppendError, IdArg, NewId, Stream, StreamId, Trim};
 use super::wire::Out;
@@ -920,34 +920,33 @@ fn set(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 
 // ---- hashes ----
 
-/// The hash at a key for reading: `None` if absent.
-fn read_hash<'a>(c: &'a mut Ctx<'_>, key: &Bytes) -> Result<Option<&'a Hash>, Reply> {
+/// The value of kind `T` at a key for reading: `None` if absent.
+fn read<'a, T: Kind>(c: &'a mut Ctx<'_>, key: &Bytes) -> Result<Option<&'a T>, Reply> {
     match c.st.ks.get(c.cl.db, key, c.now).map(|e| &e.value) {
         None => Ok(None),
-        Some(Value::Hash(h)) => Ok(Some(h)),
-        Some(_) => Err(WRONGTYPE.into()),
+        Some(v) => T::of(v).map(Some).ok_or(Cow::Borrowed(WRONGTYPE)),
     }
 }
 
-/// Changes the hash at a key, creating it if needed; an emptied hash is removed.
-fn write_hash<R>(c: &mut Ctx<'_>, key: &Bytes, f: impl FnOnce(&mut Hash) -> R) -> Result<R, Reply> {
+/// Changes the value of kind `T` at a key, creating it if needed; an emptied value is
+/// removed.
+fn write<T: Collection, R>(
+    c: &mut Ctx<'_>,
+    key: &Bytes,
+    f: impl FnOnce(&mut T) -> R,
+) -> Result<R, Reply> {
     let db = c.cl.db;
-    match c.st.ks.get(db, key, c.now).map(|e| &e.value) {
-        None => {
-            c.st.ks
-                .set(db, own(key), Value::Hash(Hash::default()), None, false)
-        }
-        Some(Value::Hash(_)) => {}
-        Some(_) => return Err(WRONGTYPE.into()),
+    if read::<T>(c, key)?.is_none() {
+        c.st.ks.set(db, own(key), T::default().wrap(), None, false);
     }
     let (r, empty) =
         c.st.ks
-            .update(db, key, c.now, |v| match v {
-                Value::Hash(h) => {
-                    let r = f(h);
-                    (Some(r), h.fields.is_empty())
+            .update(db, key, c.now, |v| match T::of_mut(v) {
+                Some(t) => {
+                    let r = f(t);
+                    (Some(r), t.is_empty())
                 }
-                _ => (None, false),
+                None => (None, false),
             })
             .unwrap_or((None, false));
     if empty {
@@ -960,7 +959,7 @@ fn hset_pairs(c: &mut Ctx<'_>, args: &[Bytes], name: &str) -> Result<i64, Reply>
     if !args.len().is_multiple_of(2) {
         return Err(wrong_args(name));
     }
-    write_hash(c, &args[1], |h| {
+    write::<Hash, _>(c, &args[1], |h| {
         args[2..]
             .chunks(2)
             .filter(|p| h.set(own(&p[0]), own(&p[1])))
@@ -981,25 +980,25 @@ fn hmset(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn hsetnx(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    if read_hash(c, &args[1])?.is_some_and(|h| h.fields.contains_key(&args[2])) {
+    if read::<Hash>(c, &args[1])?.is_some_and(|h| h.fields.contains_key(&args[2])) {
         c.out.int(0);
         return Ok(Flow::Continue);
     }
-    write_hash(c, &args[1], |h| h.set(own(&args[2]), own(&args[3])))?;
+    write::<Hash, _>(c, &args[1], |h| h.set(own(&args[2]), own(&args[3])))?;
     c.out.int(1);
     Ok(Flow::Continue)
 }
 
 fn hincrby(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     let incr = int_arg(&args[3])?;
-    let current = match read_hash(c, &args[1])?.and_then(|h| h.fields.get(&args[2])) {
+    let current = match read::<Hash>(c, &args[1])?.and_then(|h| h.fields.get(&args[2])) {
         None => 0,
         Some(v) => parse_i64(v).ok_or(Cow::Borrowed("ERR hash value is not an integer"))?,
     };
     let new = current
         .checked_add(incr)
         .ok_or(Cow::Borrowed("ERR increment or decrement would overflow"))?;
-    write_hash(c, &args[1], |h| {
+    write::<Hash, _>(c, &args[1], |h| {
         h.set(own(&args[2]), Bytes::from(new.to_string()))
     })?;
     c.out.int(new);
@@ -1007,7 +1006,7 @@ fn hincrby(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn hget(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let v = read_hash(c, &args[1])?.and_then(|h| h.fields.get(&args[2]).cloned());
+    let v = read::<Hash>(c, &args[1])?.and_then(|h| h.fields.get(&args[2]).cloned());
     match v {
         Some(v) => c.out.bulk_shared(&v),
         None => c.out.null(),
@@ -1016,7 +1015,7 @@ fn hget(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn hmget(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let values: Vec<Option<Bytes>> = match read_hash(c, &args[1])? {
+    let values: Vec<Option<Bytes>> = match read::<Hash>(c, &args[1])? {
         None => vec![None; args.len() - 2],
         Some(h) => args[2..].iter().map(|f| h.fields.get(f).cloned()).collect(),
     };
@@ -1031,7 +1030,7 @@ fn hmget(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn hash_pairs(c: &mut Ctx<'_>, key: &Bytes) -> Result<Vec<(Bytes, Bytes)>, Reply> {
-    Ok(read_hash(c, key)?
+    Ok(read::<Hash>(c, key)?
         .map(|h| {
             h.fields
                 .iter()
@@ -1070,11 +1069,11 @@ fn hvals(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn hdel(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    if read_hash(c, &args[1])?.is_none() {
+    if read::<Hash>(c, &args[1])?.is_none() {
         c.out.int(0);
         return Ok(Flow::Continue);
     }
-    let n = write_hash(c, &args[1], |h| {
+    let n = write::<Hash, _>(c, &args[1], |h| {
         args[2..].iter().filter(|f| h.remove(f)).count()
     })?;
     c.out.int(n as i64);
@@ -1082,52 +1081,21 @@ fn hdel(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn hlen(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let n = read_hash(c, &args[1])?.map_or(0, |h| h.fields.len());
+    let n = read::<Hash>(c, &args[1])?.map_or(0, |h| h.fields.len());
     c.out.int(n as i64);
     Ok(Flow::Continue)
 }
 
 fn hexists(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let has = read_hash(c, &args[1])?.is_some_and(|h| h.fields.contains_key(&args[2]));
+    let has = read::<Hash>(c, &args[1])?.is_some_and(|h| h.fields.contains_key(&args[2]));
     c.out.int(i64::from(has));
     Ok(Flow::Continue)
 }
 
 // ---- lists ----
 
-fn read_list<'a>(c: &'a mut Ctx<'_>, key: &Bytes) -> Result<Option<&'a List>, Reply> {
-    match c.st.ks.get(c.cl.db, key, c.now).map(|e| &e.value) {
-        None => Ok(None),
-        Some(Value::List(l)) => Ok(Some(l)),
-        Some(_) => Err(WRONGTYPE.into()),
-    }
-}
-
-/// Changes the list at a key, creating it if needed; an emptied list is removed.
-fn write_list<R>(c: &mut Ctx<'_>, key: &Bytes, f: impl FnOnce(&mut List) -> R) -> Result<R, Reply> {
-    let db = c.cl.db;
-    if read_list(c, key)?.is_none() {
-        c.st.ks
-            .set(db, own(key), Value::List(List::default()), None, false);
-    }
-    let (r, empty) =
-        c.st.ks
-            .update(db, key, c.now, |v| match v {
-                Value::List(l) => {
-                    let r = f(l);
-                    (Some(r), l.items.is_empty())
-                }
-                _ => (None, false),
-            })
-            .unwrap_or((None, false));
-    if empty {
-        c.st.ks.delete(db, key, c.now);
-    }
-    r.ok_or(Cow::Borrowed(WRONGTYPE))
-}
-
 fn push(c: &mut Ctx<'_>, args: &[Bytes], front: bool) -> CmdResult {
-    let n = write_list(c, &args[1], |l| {
+    let n = write::<List, _>(c, &args[1], |l| {
         for item in &args[2..] {
             l.push(own(item), front);
         }
@@ -1146,11 +1114,11 @@ fn lpush(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn pop(c: &mut Ctx<'_>, args: &[Bytes], front: bool) -> CmdResult {
-    if read_list(c, &args[1])?.is_none() {
+    if read::<List>(c, &args[1])?.is_none() {
         c.out.null();
         return Ok(Flow::Continue);
     }
-    match write_list(c, &args[1], |l| l.pop(front))? {
+    match write::<List, _>(c, &args[1], |l| l.pop(front))? {
         Some(v) => c.out.bulk_shared(&v),
         None => c.out.null(),
     }
@@ -1166,14 +1134,14 @@ fn lpop(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn llen(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let n = read_list(c, &args[1])?.map_or(0, |l| l.items.len());
+    let n = read::<List>(c, &args[1])?.map_or(0, |l| l.items.len());
     c.out.int(n as i64);
     Ok(Flow::Continue)
 }
 
 fn lrange(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     let (start, stop) = (int_arg(&args[2])?, int_arg(&args[3])?);
-    let items: Vec<Bytes> = match read_list(c, &args[1])? {
+    let items: Vec<Bytes> = match read::<List>(c, &args[1])? {
         None => Vec::new(),
         Some(l) => {
             let len = l.items.len() as i64;
@@ -1197,14 +1165,6 @@ fn lrange(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 // ---- streams ----
-
-fn read_stream<'a>(c: &'a mut Ctx<'_>, key: &Bytes) -> Result<Option<&'a Stream>, Reply> {
-    match c.st.ks.get(c.cl.db, key, c.now).map(|e| &e.value) {
-        None => Ok(None),
-        Some(Value::Stream(s)) => Ok(Some(s)),
-        Some(_) => Err(WRONGTYPE.into()),
-    }
-}
 
 /// A trim as XADD and XTRIM spell it: `MAXLEN|MINID [=|~] threshold [LIMIT count]`.
 struct TrimArgs {
@@ -1398,7 +1358,7 @@ fn xrevrange(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
 }
 
 fn xlen(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
-    let n = read_stream(c, &args[1])?.map_or(0, Stream::len);
+    let n = read::<Stream>(c, &args[1])?.map_or(0, Stream::len);
     c.out.int(n as i64);
     Ok(Flow::Continue)
 }
@@ -1408,7 +1368,7 @@ fn xdel(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
         .iter()
         .map(|a| stream::parse_exact_id(a, 0, true))
         .collect::<Result<Vec<_>, _>>()?;
-    if read_stream(c, &args[1])?.is_none() {
+    if read::<Stream>(c, &args[1])?.is_none() {
         c.out.int(0);
         return Ok(Flow::Continue);
     }
@@ -1429,7 +1389,7 @@ fn xtrim(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     if i != args.len() {
         return Err(SYNTAX.into());
     }
-    if read_stream(c, &args[1])?.is_none() {
+    if read::<Stream>(c, &args[1])?.is_none() {
         c.out.int(0);
         return Ok(Flow::Continue);
     }
@@ -1467,7 +1427,7 @@ fn xinfo(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
         return Err(wrong_args("xinfo|stream"));
     }
     let out_proto = c.out.proto;
-    let s = read_stream(c, &args[2])?.ok_or(Cow::Borrowed("ERR no such key"))?;
+    let s = read::<Stream>(c, &args[2])?.ok_or(Cow::Borrowed("ERR no such key"))?;
     let first = s.first().map(|(id, f)| (*id, f.clone()));
     let last = s.last().map(|(id, f)| (*id, f.clone()));
     let (len, last_id, max_deleted, added) =
@@ -1551,7 +1511,7 @@ fn xread(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     let mut from = Vec::with_capacity(keys.len());
     for (key, id) in keys.iter().zip(ids) {
         let f = match &id[..] {
-            b"$" => ReadFrom::After(read_stream(c, key)?.map_or(StreamId::MIN, Stream::last_id)),
+            b"$" => ReadFrom::After(read::<Stream>(c, key)?.map_or(StreamId::MIN, Stream::last_id)),
             b"+" => ReadFrom::Last,
             b">" => return Err("ERR The > ID can be specified only when calling XREADGROUP using the GROUP <group> <consumer> option.".into()),
             _ => ReadFrom::After(stream::parse_exact_id(id, 0, false)?),
@@ -1564,7 +1524,7 @@ fn xread(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     for (key, f) in keys.iter().zip(&from) {
         let after = match f {
             ReadFrom::After(id) => *id,
-            ReadFrom::Last => match read_stream(c, key)? {
+            ReadFrom::Last => match read::<Stream>(c, key)? {
                 Some(s) => match s.last() {
                     Some((id, _)) => id.prev().unwrap_or(StreamId::MIN),
                     None => s.last_id(),

@@ -120,6 +120,54 @@ impl List {
 /// Bytes counted for a list item besides its bytes.
 pub(crate) const LIST_ITEM_OVERHEAD: usize = 24;
 
+/// A kind of value that commands read in place.
+pub(crate) trait Kind {
+    /// The value as this kind, `None` when it is another (WRONGTYPE to the client).
+    fn of(value: &Value) -> Option<&Self>;
+}
+
+/// A kind of value that commands also change in place, creating it when the key is absent
+/// and removing the key when it empties, as Redis does for hashes and lists.
+pub(crate) trait Collection: Kind + Default {
+    fn of_mut(value: &mut Value) -> Option<&mut Self>;
+    fn wrap(self) -> Value;
+    fn is_empty(&self) -> bool;
+}
+
+macro_rules! kind {
+    ($variant:ident, $ty:ty) => {
+        impl Kind for $ty {
+            fn of(value: &Value) -> Option<&Self> {
+                match value {
+                    Value::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+    ($variant:ident, $ty:ty, $items:ident) => {
+        kind!($variant, $ty);
+        impl Collection for $ty {
+            fn of_mut(value: &mut Value) -> Option<&mut Self> {
+                match value {
+                    Value::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn wrap(self) -> Value {
+                Value::$variant(self)
+            }
+            fn is_empty(&self) -> bool {
+                self.$items.is_empty()
+            }
+        }
+    };
+}
+
+kind!(Hash, Hash, fields);
+kind!(List, List, items);
+kind!(Stream, Stream);
+
 /// What a key holds.
 #[derive(Debug)]
 pub(crate) enum Value {
