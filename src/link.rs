@@ -52,6 +52,14 @@ impl Frame {
         }
     }
 
+    /// A command already in wire form.
+    pub(crate) fn packed(wire: Vec<u8>) -> Self {
+        Self {
+            head: Bytes::from(wire),
+            body: Bytes::new(),
+        }
+    }
+
     /// A command whose last argument is `prefix` followed by `body`.
     pub(crate) fn with_body(args: &[&[u8]], prefix: &[u8], body: Bytes) -> Self {
         let mut head = BytesMut::with_capacity(64 + prefix.len());

@@ -259,7 +259,9 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Takes the channel's lease and starts a new session.
+    /// Takes the channel's lease and starts a new session. The session's description is sent
+    /// but not waited for: the first data follows it at once, and a relay that refuses it
+    /// fails the writer's next call.
     ///
     /// # Errors
     /// [`Error::Busy`] when another writer is alive on the channel; [`Error::ForeignKey`] when
@@ -320,6 +322,11 @@ impl Writer {
                 live: opts.live,
                 ttl_ms,
             };
+            // The session's description and begin record go on the appends' connection, in
+            // order ahead of the first append, which can then follow them without waiting
+            // for their answers: the relay serves one connection's commands in order, so no
+            // reader can find data before the description of its session. Their answers
+            // are checked with the appends'.
             let mut pipe = redis::pipe();
             keys.set_meta(&mut pipe);
             pipe.cmd("HSET")
@@ -327,16 +334,36 @@ impl Writer {
                 .arg("written")
                 .arg(0)
                 .arg("rate")
-                .arg(0)
-                .ignore();
-            pipe.add_command(xadd(channel, session, 0, &keys.begin[..]))
-                .ignore();
-            pipe.cmd("PEXPIRE")
-                .arg(channel.stream_key())
-                .arg(ttl_ms)
-                .ignore();
-            let () = ctl.pipe(&pipe).await?;
-            let (link, rtt) = link.await.map_err(|e| Error::Io(io::Error::other(e)))??;
+                .arg(0);
+            let mut setup: Vec<Request> = pipe
+                .cmd_iter()
+                .map(|cmd| Request {
+                    seq: None,
+                    bytes: 0,
+                    frame: Frame::packed(cmd.get_packed_command()),
+                })
+                .collect();
+            setup.push(Request {
+                seq: Some(0),
+                bytes: 0,
+                frame: Frame::packed(
+                    xadd(channel, session, 0, &keys.begin[..]).get_packed_command(),
+                ),
+            });
+            setup.push(Request {
+                seq: None,
+                bytes: 0,
+                frame: Frame::packed(
+                    redis::cmd("PEXPIRE")
+                        .arg(channel.stream_key())
+                        .arg(ttl_ms)
+                        .get_packed_command(),
+                ),
+            });
+            let (mut link, rtt) = link.await.map_err(|e| Error::Io(io::Error::other(e)))??;
+            for request in &setup {
+                link.send(&request.frame).await;
+            }
             let window_bytes = match opts.max_in_flight {
                 Some(bytes) => bytes.max(1),
                 None => window_bytes(rtt, opts.max_backlog),
@@ -346,14 +373,14 @@ impl Writer {
                 keys,
                 held_before,
                 begin_size,
-                link,
+                (link, setup),
                 sealer,
                 window_bytes,
                 rtt,
             ))
         }
         .await;
-        let (keys, held_before, begin_len, link, sealer, window_bytes, rtt) = match begun {
+        let (keys, held_before, begin_len, (link, setup), sealer, window_bytes, rtt) = match begun {
             Ok(v) => v,
             Err(e) => {
                 release_lease(&mut ctl, channel, &lease, None).await;
@@ -394,6 +421,7 @@ impl Writer {
         let sender = Sender {
             rx,
             link,
+            setup,
             relay: relay.clone(),
             ctl,
             channel: channel.clone(),
@@ -712,6 +740,8 @@ struct Sender {
     rx: mpsc::Receiver<Msg>,
     /// Carries the appends and trims.
     link: Link,
+    /// The session's setup, sent on `link` and not answered yet.
+    setup: Vec<Request>,
     relay: RelayConfig,
     /// Everything else: readers' positions, and putting the session back after an outage.
     ctl: Conn,
@@ -778,7 +808,7 @@ impl Sender {
     }
 
     async fn pump(&mut self) -> Result<Summary> {
-        let mut inflight: VecDeque<Request> = VecDeque::new();
+        let mut inflight: VecDeque<Request> = std::mem::take(&mut self.setup).into();
         let mut peeked: Option<Msg> = None;
         // The next record, encoded and waiting for room on the relay.
         let mut ready_record: Option<(RecordArg, u64)> = None;
@@ -1116,7 +1146,7 @@ impl Sender {
         self.in_flight -= request.bytes;
         match self.check_answer(&request, answer)? {
             Outcome::Done => Ok(()),
-            Outcome::Taken(seq) if self.landed().await? >= seq => Ok(()),
+            Outcome::Taken(seq) if self.landed().await?.is_some_and(|l| l >= seq) => Ok(()),
             Outcome::Taken(seq) => Err(Error::Relay {
                 addr: self.relay.addr().into(),
                 reason: format!(
@@ -1147,20 +1177,22 @@ impl Sender {
         self.keys.hold_lease(&mut self.ctl).await?;
         self.keys.restore(&mut self.ctl).await?;
         let landed = self.landed().await?;
+        // The next record the relay does not hold: 0, the begin record, if it holds none.
+        let next = landed.map_or(0, |l| l + 1);
         if let Some(first) = pending.iter().find_map(|r| r.seq)
-            && landed + 1 < first
+            && next < first
         {
             tracing::warn!(
                 "the relay at {} lost records {} to {} of {}, which it had stored: readers that \
                  had not read them will report the missing bytes",
                 self.relay.addr(),
-                record::entry_id(self.session, landed + 1),
+                record::entry_id(self.session, next),
                 record::entry_id(self.session, first - 1),
                 self.channel
             );
         }
         for request in pending {
-            if request.seq.is_some_and(|seq| seq <= landed) {
+            if request.seq.is_some_and(|seq| seq < next) {
                 continue;
             }
             self.resend(inflight, request).await;
@@ -1168,19 +1200,20 @@ impl Sender {
         Ok(())
     }
 
-    /// The sequence number of this session's newest record on the relay (0 when the relay
-    /// holds none of them): everything up to it has landed, since appends land in order.
+    /// The sequence number of this session's newest record on the relay (`None` when the
+    /// relay holds none of them, not even the begin record): everything up to it has
+    /// landed, since appends land in order.
     ///
     /// # Errors
     /// [`Error::LeaseLost`] when a later session has begun.
-    async fn landed(&mut self) -> Result<u64> {
+    async fn landed(&mut self) -> Result<Option<u64>> {
         match session::newest_entry(&mut self.ctl, &self.channel).await? {
             Some((s, _)) if s > self.session => Err(Error::LeaseLost {
                 channel: self.channel.name().into(),
                 reason: format!("session {s} has begun on the channel"),
             }),
-            Some((s, q)) if s == self.session => Ok(q),
-            _ => Ok(0),
+            Some((s, q)) if s == self.session => Ok(Some(q)),
+            _ => Ok(None),
         }
     }
 
@@ -1554,10 +1587,11 @@ impl SessionKeys {
         self.rewrite(conn).await
     }
 
-    /// Writes the session's meta hash and begin record again, which the relay lost.
+    /// Writes the session's meta hash and begin record again, which the relay does not hold:
+    /// it lost them, or a connection failed before they landed.
     async fn rewrite(&self, conn: &mut Conn) -> Result<()> {
         tracing::warn!(
-            "the relay at {} lost the description of session {} of {}; writing it again",
+            "the relay at {} does not hold the description of session {} of {}; writing it again",
             conn.addr(),
             self.session,
             self.channel

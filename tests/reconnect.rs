@@ -130,6 +130,37 @@ relay_tests! {
         }
     }
 
+    fn a_cut_while_the_session_is_being_set_up_changes_nothing(kind) {
+        // The session's description and begin record go out on the appends' connection,
+        // unanswered, with the first appends right behind: cut them all on the way.
+        let relay = TestRelay::start(kind);
+        let proxy = FaultProxy::start(relay.port);
+        proxy.set_latency(Duration::from_millis(100));
+        let data = std::sync::Arc::new(random_bytes(1 << 20, 74));
+        let (reader, hashed) = Proc::spawn_hashing(relay.tube(&["read", "setup"]));
+        wait_registered(&relay, "setup");
+        let mut writer = Proc::spawn(via(&relay, &proxy, &["write", "setup"]));
+        let feeder = feed(&mut writer, data.clone());
+        let mut admin = relay.admin();
+        wait_until(Duration::from_secs(20), "the writer's lease", || {
+            redis::cmd("EXISTS").arg("tube:{setup}:writer").query::<bool>(&mut admin).unwrap()
+        });
+        // The lease's answer reaches the writer 100 ms after the relay set it, and what the
+        // writer sends then reaches the relay 100 ms later.
+        std::thread::sleep(Duration::from_millis(150));
+        proxy.cut();
+        proxy.set_latency(Duration::ZERO);
+        feeder.join().unwrap();
+        let (w, _) = assert_exact(writer, reader, hashed, &data, Duration::from_secs(60));
+        // The description was lost on the way (it cannot land sooner than 200 ms after the
+        // lease) and written again after the reconnect.
+        assert!(
+            w.stderr.contains("does not hold the description of session 1 of setup; writing it again"),
+            "{}",
+            w.stderr
+        );
+    }
+
     fn a_five_second_stall_is_waited_out(kind) {
         let relay = TestRelay::start(kind);
         let proxy = FaultProxy::start(relay.port);
