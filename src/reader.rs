@@ -213,7 +213,8 @@ impl Registration {
 }
 
 impl Reader {
-    /// Connects, checks the channel, registers as a reader and starts fetching.
+    /// Connects, checks the channel and starts fetching; the reader registers with its first
+    /// read.
     ///
     /// # Errors
     /// Connection errors; [`Error::ForeignKey`] when the channel's keys are not tube's.
@@ -253,7 +254,7 @@ impl Reader {
             StartAt::Oldest | StartAt::Now => {}
         }
         // From here on a lost relay is waited for, not a failure.
-        let mut conn = conn.resilient();
+        let conn = conn.resilient();
         let registration = Registration {
             conn: conn.clone(),
             channel: channel.clone(),
@@ -264,17 +265,16 @@ impl Reader {
             seq: last.1,
             offset: 0,
         };
-        let mut pipe = redis::pipe();
-        registration.report(&mut pipe, &position);
-        registration.register(&mut pipe);
-        let () = conn.pipe(&pipe).await?;
+        // The registration goes with the first read (see `Fetcher::registration_update`),
+        // which the relay runs after it: a round trip sooner to the first byte.
         let shared = Arc::new(Shared {
             position: Mutex::new(Some(position)),
             ..Shared::default()
         });
         let (tx, rx) = mpsc::channel(16);
         let fetcher = Fetcher {
-            generation: conn.generation(),
+            // No connection has the registration yet.
+            generation: u64::MAX,
             conn,
             retry_for: relay.retry_for(),
             lease_missing_since: None,
