@@ -335,31 +335,20 @@ impl Writer {
                 .arg(0)
                 .arg("rate")
                 .arg(0);
-            let mut setup: Vec<Request> = pipe
-                .cmd_iter()
-                .map(|cmd| Request {
-                    seq: None,
-                    bytes: 0,
-                    frame: Frame::packed(cmd.get_packed_command()),
-                })
-                .collect();
-            setup.push(Request {
-                seq: Some(0),
+            let request = |seq, cmd: &redis::Cmd| Request {
+                seq,
                 bytes: 0,
-                frame: Frame::packed(
-                    xadd(channel, session, 0, &keys.begin[..]).get_packed_command(),
-                ),
-            });
-            setup.push(Request {
-                seq: None,
-                bytes: 0,
-                frame: Frame::packed(
-                    redis::cmd("PEXPIRE")
-                        .arg(channel.stream_key())
-                        .arg(ttl_ms)
-                        .get_packed_command(),
-                ),
-            });
+                frame: Frame::packed(cmd.get_packed_command()),
+            };
+            let mut setup: Vec<Request> = pipe.cmd_iter().map(|cmd| request(None, cmd)).collect();
+            setup.push(request(
+                Some(0),
+                &xadd(channel, session, 0, &keys.begin[..]),
+            ));
+            setup.push(request(
+                None,
+                redis::cmd("PEXPIRE").arg(channel.stream_key()).arg(ttl_ms),
+            ));
             let (mut link, rtt) = link.await.map_err(|e| Error::Io(io::Error::other(e)))??;
             for request in &setup {
                 link.send(&request.frame).await;
