@@ -1530,12 +1530,19 @@ impl SessionKeys {
     /// Makes sure the writer still holds the channel's lease, taking it back when it lapsed
     /// (the relay was out of reach longer than the lease, or lost it) and nobody else took it.
     async fn hold_lease(&self, conn: &mut Conn) -> Result<()> {
+        let current: Option<String> = conn
+            .query(redis::cmd("GET").arg(self.channel.writer_key()))
+            .await?;
+        self.keep_lease(conn, current).await
+    }
+
+    /// [`SessionKeys::hold_lease`] once the lease's `current` holder is known.
+    async fn keep_lease(&self, conn: &mut Conn, current: Option<String>) -> Result<()> {
         let key = self.channel.writer_key();
         let lost = |reason: &str| Error::LeaseLost {
             channel: self.channel.name().into(),
             reason: reason.into(),
         };
-        let current: Option<String> = conn.query(redis::cmd("GET").arg(&key)).await?;
         match current {
             Some(v) if v == self.lease => return Ok(()),
             Some(_) => return Err(lost("another writer holds it now")),
@@ -1645,10 +1652,10 @@ impl Heartbeat {
         pipe.cmd("HEXISTS").arg(channel.meta_key()).arg("begin");
         let (lease, meta): (Option<String>, bool) = self.ctl.pipe(&pipe).await?;
         if lease.as_deref() != Some(self.keys.lease.as_str()) {
-            self.keys.hold_lease(&mut self.ctl).await?;
+            self.keys.keep_lease(&mut self.ctl, lease).await?;
         }
         if !meta {
-            self.keys.restore(&mut self.ctl).await?;
+            self.keys.rewrite(&mut self.ctl).await?;
         }
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
