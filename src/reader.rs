@@ -3,8 +3,9 @@
 //! A fetch task keeps one `XREAD` outstanding while the caller consumes what the previous one
 //! returned (behind a distant relay: many, see `Fetcher::read_ahead` and `Fetcher::tail`),
 //! checks every record (sequence, offset, length, digest) and hands payloads over through a
-//! bounded queue, so a slow consumer holds the fetcher back instead of growing memory. The reader registers itself on the channel and keeps reporting the last record it
-//! fetched: that is what allows the writer to trim, and what holds it back.
+//! bounded queue, so a slow consumer holds the fetcher back instead of growing memory. The
+//! reader registers itself on the channel and keeps reporting the last record it fetched:
+//! that is what allows the writer to trim, and what holds it back.
 
 use crate::channel::Channel;
 use crate::client::{COMMAND_TIMEOUT, Conn, RelayConfig};
@@ -848,17 +849,9 @@ impl Fetcher {
                 }
             };
             let entries = match answer {
-                Ok(Answer::Array(streams)) => match xread_entries(streams) {
-                    Ok(entries) => entries,
-                    Err(Malformed::Shape) => {
-                        return Err(
-                            self.corrupt("the relay's XREAD answer has an unexpected shape".into())
-                        );
-                    }
-                    Err(Malformed::NotRecord(id)) => {
-                        return Err(self.corrupt(format!("stream entry {id} is not a tube record")));
-                    }
-                },
+                Ok(Answer::Array(streams)) => {
+                    xread_entries(streams).map_err(|m| self.malformed(m))?
+                }
                 Ok(other) => {
                     tracing::debug!("reading ahead stopped: the relay answered {other:?}");
                     return Ok(Step::Continue);
@@ -963,8 +956,16 @@ impl Fetcher {
         }
     }
 
+    /// The error for an `XREAD` answer that is not what tube wrote.
+    fn malformed(&self, m: Malformed) -> Error {
+        self.corrupt(match m {
+            Malformed::Shape => "the relay's XREAD answer has an unexpected shape".into(),
+            Malformed::NotRecord(id) => format!("stream entry {id} is not a tube record"),
+        })
+    }
+
     fn parse_xread(&self, reply: Value) -> Result<Vec<(String, Value)>> {
-        let shape = || self.corrupt("the relay's XREAD answer has an unexpected shape".into());
+        let shape = || self.malformed(Malformed::Shape);
         let streams = match reply {
             Value::Nil => return Ok(Vec::new()),
             Value::Array(streams) => streams
@@ -1124,12 +1125,10 @@ impl Fetcher {
             {
                 match f.pop() {
                     Some(Value::BulkString(v)) => Bytes::from(v),
-                    _ => {
-                        return Err(self.corrupt(format!("stream entry {id} is not a tube record")));
-                    }
+                    _ => return Err(self.malformed(Malformed::NotRecord(id))),
                 }
             }
-            _ => return Err(self.corrupt(format!("stream entry {id} is not a tube record"))),
+            _ => return Err(self.malformed(Malformed::NotRecord(id))),
         };
         self.handle_record(id, raw).await
     }
