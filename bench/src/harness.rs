@@ -275,12 +275,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         let mut samples: Vec<Vec<u64>> = vec![Vec::new(); results.len()];
         let mut errors: Vec<Option<String>> = vec![None; results.len()];
         for run in 0..ctx.args.latency_runs {
-            for (i, r) in results.iter().enumerate() {
+            for (i, r) in results.iter_mut().enumerate() {
                 if r.unavailable.is_some() || errors[i].is_some() {
                     continue;
                 }
                 match latency_run(&mut ctx, r.case, run) {
-                    Ok(s) => {
+                    Ok((s, cpu)) => {
+                        r.latency_cpu_s.push(cpu);
                         let one = LatencyStats::from_ns(&s);
                         eprintln!(
                             "  latency    {:<21} run {}: p50 {:.3} ms, p99 {:.3} ms",
@@ -733,7 +734,9 @@ fn throughput_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<ThroughputRun> 
     })
 }
 
-fn latency_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<Vec<u64>> {
+/// One latency run of `case`: the samples, and the CPU seconds of the writer, the reader and
+/// the relay (`None` where the case has no such process).
+fn latency_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<(Vec<u64>, [Option<f64>; 3])> {
     let sp = Spawner::new(
         ctx.out
             .join(format!("logs/latency-{}-{}", case.name(), run + 1)),
@@ -768,6 +771,8 @@ fn latency_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<Vec<u64>> {
         + Duration::from_secs(30);
     let deadline = Instant::now() + budget;
     let mut procs: Vec<Proc> = Vec::new();
+    // Where the writer and the reader are in `procs`, for their CPU time.
+    let mut ends = None;
     match (&topo.reader, &topo.writer) {
         (Some(r), Some(w)) => {
             let mut reader = sp
@@ -777,6 +782,7 @@ fn latency_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<Vec<u64>> {
             let out = reader.take_stdout().context("reader has no stdout")?;
             procs.push(sp.helper("lat-recv", &recv, false).stdin(out).spawn()?);
             procs.push(reader);
+            ends = Some((2, 1));
             // The socat relay listens for the writer only once the reader is in.
             if let Ready::Listening(_) = topo.ready {
                 wait_ready(&topo.ready, &mut topo.servers, deadline)?;
@@ -801,10 +807,17 @@ fn latency_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<Vec<u64>> {
         let mut all: Vec<&mut Proc> = procs.iter_mut().collect();
         finish(&mut all, deadline, "latency run")?;
     }
-    stop_servers(&mut topo.servers)?;
+    let (_, relay_cpu) = stop_servers(&mut topo.servers)?;
+    let cpu = |i: usize| procs.get(i).and_then(Proc::cpu_secs);
+    let cpu = match ends {
+        Some((w, r)) => [cpu(w), cpu(r), relay_cpu],
+        None => [None, None, relay_cpu],
+    };
     let text = std::fs::read_to_string(&samples)
         .with_context(|| format!("cannot read {}", samples.display()))?;
-    text.lines()
+    let samples = text
+        .lines()
         .map(|l| l.parse::<u64>().context("bad latency sample"))
-        .collect()
+        .collect::<Result<Vec<u64>>>()?;
+    Ok((samples, cpu))
 }

@@ -87,6 +87,9 @@ pub struct CaseResult {
     pub throughput_runs: Vec<Result<ThroughputRun, String>>,
     /// `None` when latency was not measured.
     pub latency: Option<Result<LatencyStats, String>>,
+    /// CPU seconds (user + system) of the writer, the reader and the relay in each latency
+    /// run, start included.
+    pub latency_cpu_s: Vec<[Option<f64>; 3]>,
 }
 
 impl CaseResult {
@@ -96,6 +99,7 @@ impl CaseResult {
             unavailable: None,
             throughput_runs: Vec::new(),
             latency: None,
+            latency_cpu_s: Vec::new(),
         }
     }
 
@@ -165,6 +169,23 @@ impl CaseResult {
         (!v.is_empty()).then(|| median(&v))
     }
 
+    /// Median CPU microseconds per latency message of one role (0 writer, 1 reader, 2 relay).
+    ///
+    /// Whole processes, so a process's start and idle wake-ups are spread over its messages;
+    /// that is a few percent of the figure with 1,000 messages, and the same for every case.
+    fn cpu_per_message(&self, role: usize, messages: u32) -> Option<f64> {
+        if self.latency().is_none() || messages == 0 {
+            return None;
+        }
+        let v: Vec<f64> = self
+            .latency_cpu_s
+            .iter()
+            .filter_map(|run| run[role])
+            .map(|s| s * 1e6 / f64::from(messages))
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    }
+
     /// What went wrong, for the table and the JSON.
     pub fn status(&self) -> String {
         if let Some(why) = &self.unavailable {
@@ -225,6 +246,11 @@ pub struct Row {
     pub writer_cpu_s_per_gib: Option<f64>,
     pub reader_cpu_s_per_gib: Option<f64>,
     pub relay_cpu_s_per_gib: Option<f64>,
+    /// CPU microseconds (user + system) per latency message, start included, median over
+    /// the latency runs.
+    pub writer_cpu_us_per_msg: Option<f64>,
+    pub reader_cpu_us_per_msg: Option<f64>,
+    pub relay_cpu_us_per_msg: Option<f64>,
 }
 
 /// The whole run, ready to print, save and draw.
@@ -271,6 +297,9 @@ impl Summary {
                 writer_cpu_s_per_gib: r.cpu_per_gib(|t| t.writer_cpu_s, args.size),
                 reader_cpu_s_per_gib: r.cpu_per_gib(|t| t.reader_cpu_s, args.size),
                 relay_cpu_s_per_gib: r.cpu_per_gib(|t| t.relay_cpu_s, args.size),
+                writer_cpu_us_per_msg: r.cpu_per_message(0, args.messages),
+                reader_cpu_us_per_msg: r.cpu_per_message(1, args.messages),
+                relay_cpu_us_per_msg: r.cpu_per_message(2, args.messages),
             })
             .collect();
 
@@ -547,31 +576,44 @@ impl Summary {
             t,
             "\nCPU seconds (user+sys) per GiB moved, median over the throughput runs:"
         );
-        let _ = writeln!(
-            t,
-            "{:<27} {:>7} {:>7} {:>7} {:>7}",
-            "case", "writer", "reader", "relay", "sum"
-        );
-        let cpu = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.2}"));
-        for r in self
+        let per_gib: Vec<&Row> = self
             .rows
             .iter()
             .filter(|r| r.writer_cpu_s_per_gib.is_some())
-        {
-            let parts = [
-                r.writer_cpu_s_per_gib,
-                r.reader_cpu_s_per_gib,
-                r.relay_cpu_s_per_gib,
-            ];
-            let sum = parts.iter().try_fold(0.0, |a, v| v.map(|v| a + v));
+            .collect();
+        cpu_rows(
+            &mut t,
+            &per_gib,
+            |r| {
+                [
+                    r.writer_cpu_s_per_gib,
+                    r.reader_cpu_s_per_gib,
+                    r.relay_cpu_s_per_gib,
+                ]
+            },
+            2,
+        );
+        let per_message: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|r| r.writer_cpu_us_per_msg.is_some())
+            .collect();
+        if !per_message.is_empty() {
             let _ = writeln!(
                 t,
-                "{:<27} {:>7} {:>7} {:>7} {:>7}",
-                r.label,
-                cpu(parts[0]),
-                cpu(parts[1]),
-                cpu(parts[2]),
-                cpu(sum)
+                "\nCPU microseconds (user+sys) per latency message, whole processes, median over the latency runs:"
+            );
+            cpu_rows(
+                &mut t,
+                &per_message,
+                |r| {
+                    [
+                        r.writer_cpu_us_per_msg,
+                        r.reader_cpu_us_per_msg,
+                        r.relay_cpu_us_per_msg,
+                    ]
+                },
+                1,
             );
         }
         let notes: Vec<&Row> = self.rows.iter().filter(|r| r.status != "ok").collect();
@@ -609,7 +651,8 @@ impl Summary {
         let mut csv = String::from(
             "case,label,status,mb_per_s_median,mb_per_s_min,mb_per_s_max,throughput_ratio,\
 latency_p50_ms,latency_p99_ms,latency_max_ms,p50_ratio,p99_ratio,writer_rss_mib,reader_rss_mib,relay_rss_mib,\
-writer_cpu_s_per_gib,reader_cpu_s_per_gib,relay_cpu_s_per_gib\n",
+writer_cpu_s_per_gib,reader_cpu_s_per_gib,relay_cpu_s_per_gib,\
+writer_cpu_us_per_msg,reader_cpu_us_per_msg,relay_cpu_us_per_msg\n",
         );
         let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
         for r in &self.rows {
@@ -617,7 +660,7 @@ writer_cpu_s_per_gib,reader_cpu_s_per_gib,relay_cpu_s_per_gib\n",
             let l = r.latency.as_ref();
             let _ = writeln!(
                 csv,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 r.case.name(),
                 quote(r.label),
                 quote(&r.status),
@@ -636,6 +679,9 @@ writer_cpu_s_per_gib,reader_cpu_s_per_gib,relay_cpu_s_per_gib\n",
                 num(r.writer_cpu_s_per_gib),
                 num(r.reader_cpu_s_per_gib),
                 num(r.relay_cpu_s_per_gib),
+                num(r.writer_cpu_us_per_msg),
+                num(r.reader_cpu_us_per_msg),
+                num(r.relay_cpu_us_per_msg),
             );
         }
         let csv_path = dir.join("results.csv");
@@ -645,6 +691,29 @@ writer_cpu_s_per_gib,reader_cpu_s_per_gib,relay_cpu_s_per_gib\n",
         std::fs::write(&json_path, serde_json::to_string_pretty(self)? + "\n")
             .with_context(|| format!("cannot write {}", json_path.display()))?;
         Ok(())
+    }
+}
+
+/// A table of CPU figures per role with their sum, to `decimals` places.
+fn cpu_rows(t: &mut String, rows: &[&Row], pick: fn(&Row) -> [Option<f64>; 3], decimals: usize) {
+    let _ = writeln!(
+        t,
+        "{:<27} {:>7} {:>7} {:>7} {:>7}",
+        "case", "writer", "reader", "relay", "sum"
+    );
+    let cpu = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.decimals$}"));
+    for r in rows {
+        let parts = pick(r);
+        let sum = parts.iter().try_fold(0.0, |a, v| v.map(|v| a + v));
+        let _ = writeln!(
+            t,
+            "{:<27} {:>7} {:>7} {:>7} {:>7}",
+            r.label,
+            cpu(parts[0]),
+            cpu(parts[1]),
+            cpu(parts[2]),
+            cpu(sum)
+        );
     }
 }
 
@@ -698,6 +767,25 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 990);
         assert_eq!(percentile(&[7], 0.99), 7);
         assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn cpu_per_message_is_the_median_over_runs_and_needs_latency() {
+        let mut r = CaseResult::new(Case::TubeRelay);
+        r.latency_cpu_s = vec![
+            [Some(0.05), Some(0.04), Some(0.09)],
+            [Some(0.07), None, Some(0.03)],
+            [Some(0.06), Some(0.02), Some(0.05)],
+        ];
+        // Without latency statistics (a failed run) there is no figure.
+        assert_eq!(r.cpu_per_message(0, 1000), None);
+        r.latency = Some(Ok(LatencyStats::from_ns(&[1, 2, 3])));
+        let us = |v: Option<f64>| v.map(|v| (v * 1000.0).round() / 1000.0);
+        assert_eq!(us(r.cpu_per_message(0, 1000)), Some(60.0));
+        // A run without the figure is left out, not counted as zero.
+        assert_eq!(us(r.cpu_per_message(1, 1000)), Some(30.0));
+        assert_eq!(us(r.cpu_per_message(2, 1000)), Some(50.0));
+        assert_eq!(r.cpu_per_message(2, 0), None);
     }
 
     #[test]
