@@ -5,7 +5,8 @@
 //! - building the `XADD` request as the writer sends it (header + payload packed into the
 //!   Redis client's command buffer);
 //! - parsing an `XREAD` reply with the Redis client's parser, as the reader receives it;
-//! - BLAKE3 as the writer and the reader use it: one incremental `update` per record.
+//! - the session digest as the writer and the reader use it, one incremental `update` per
+//!   record, beside BLAKE3.
 //!
 //! Run with `cargo bench --bench hot_paths`; add `-- --quick` for a fast pass.
 
@@ -118,18 +119,27 @@ fn parse_xread(c: &mut Criterion) {
 }
 
 fn digest(c: &mut Criterion) {
-    let mut g = c.benchmark_group("digest/blake3_update");
-    for n in SIZES {
-        let p = Bytes::from(payload(n));
-        g.throughput(Throughput::Bytes(n as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(n), &p, |b, p| {
-            let mut h = blake3::Hasher::new();
-            b.iter(|| {
-                h.update(black_box(p));
-            })
-        });
+    // The session digest that tube uses, beside BLAKE3, which it used before: the figures
+    // behind the choice (docs/DESIGN.md).
+    for (name, algo) in [("digest/xxh3_128_update", 0), ("digest/blake3_update", 1)] {
+        let mut g = c.benchmark_group(name);
+        for n in SIZES {
+            let p = Bytes::from(payload(n));
+            g.throughput(Throughput::Bytes(n as u64));
+            g.bench_with_input(BenchmarkId::from_parameter(n), &p, |b, p| {
+                if algo == 0 {
+                    let mut h = record::Digest::new();
+                    b.iter(|| h.update(black_box(p)));
+                } else {
+                    let mut h = blake3::Hasher::new();
+                    b.iter(|| {
+                        h.update(black_box(p));
+                    });
+                }
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 criterion_group!(benches, encode, decode, pack_xadd, parse_xread, digest);

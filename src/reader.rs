@@ -504,7 +504,7 @@ struct SessionState {
     live: bool,
     /// False once bytes were skipped: the digest can no longer be checked.
     whole: bool,
-    hasher: blake3::Hasher,
+    hasher: record::Digest,
     /// The session key, when the session is sealed.
     sealer: Option<Arc<Sealer>>,
 }
@@ -1215,7 +1215,7 @@ impl Fetcher {
                 end.total_len
             )));
         }
-        if state.whole && *state.hasher.finalize().as_bytes() != end.digest {
+        if state.whole && state.hasher.finish() != end.digest {
             return Err(self.corrupt("the stream's digest does not match".into()));
         }
         self.session = None;
@@ -1463,7 +1463,7 @@ impl Fetcher {
             max_payload,
             live: begin.live,
             whole: offset == 0,
-            hasher: blake3::Hasher::new(),
+            hasher: record::Digest::new(),
             sealer,
         });
         self.shared.session.store(id, Ordering::Relaxed);

@@ -803,7 +803,7 @@ impl Sender {
         let mut ready_record: Option<(RecordArg, u64)> = None;
         let mut seq = 1u64;
         let mut bytes = 0u64;
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = record::Digest::new();
         let status = loop {
             let room = inflight.len() < self.window && self.in_flight < self.window_bytes;
             if room {
@@ -888,7 +888,7 @@ impl Sender {
         let end = End {
             status,
             total_len: bytes,
-            digest: *hasher.finalize().as_bytes(),
+            digest: hasher.finish(),
         };
         let end = match &self.sealer {
             Some(sealer) => {
