@@ -445,6 +445,16 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn the_digest_of_nothing_is_xxh3_128_of_nothing() {
+        // The published XXH3-128 of the empty input, seed 0: pins the algorithm and the byte
+        // order that the end record carries.
+        assert_eq!(
+            Digest::new().finish(),
+            0x99aa06d3014798d86001c324468d497f_u128.to_be_bytes()
+        );
+    }
+
+    #[test]
     fn data_record_layout_is_stable() {
         let r = encode_data(7, 9, 258, true, b"hi");
         #[rustfmt::skip]
@@ -523,6 +533,22 @@ mod tests {
             let begin = Begin { token, started_ms, max_payload, live, max_backlog, seal: None };
             let rec = decode(encode_begin(session, &begin)).unwrap();
             prop_assert_eq!(rec, Record { session, seq: 0, body: Body::Begin(begin) });
+        }
+
+        /// The writer hashes pieces as it read them and the reader as records arrive: any
+        /// split of the same bytes must give the digest PROTOCOL.md defines (XXH3-128 of the
+        /// whole, seed 0, big-endian).
+        #[test]
+        fn the_digest_does_not_depend_on_how_the_bytes_were_split(data in proptest::collection::vec(any::<u8>(), 0..4096), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+            at.sort_unstable();
+            let mut d = Digest::new();
+            let mut from = 0;
+            for to in at.into_iter().chain([data.len()]) {
+                d.update(&data[from..to]);
+                from = to;
+            }
+            prop_assert_eq!(d.finish(), xxhash_rust::xxh3::xxh3_128(&data).to_be_bytes());
         }
 
         #[test]
