@@ -771,8 +771,6 @@ fn latency_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<(Vec<u64>, [Option
         + Duration::from_secs(30);
     let deadline = Instant::now() + budget;
     let mut procs: Vec<Proc> = Vec::new();
-    // Where the writer and the reader are in `procs`, for their CPU time.
-    let mut ends = None;
     match (&topo.reader, &topo.writer) {
         (Some(r), Some(w)) => {
             let mut reader = sp
@@ -782,7 +780,6 @@ fn latency_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<(Vec<u64>, [Option
             let out = reader.take_stdout().context("reader has no stdout")?;
             procs.push(sp.helper("lat-recv", &recv, false).stdin(out).spawn()?);
             procs.push(reader);
-            ends = Some((2, 1));
             // The socat relay listens for the writer only once the reader is in.
             if let Ready::Listening(_) = topo.ready {
                 wait_ready(&topo.ready, &mut topo.servers, deadline)?;
@@ -808,11 +805,13 @@ fn latency_run(ctx: &mut Ctx, case: Case, run: u32) -> Result<(Vec<u64>, [Option
         finish(&mut all, deadline, "latency run")?;
     }
     let (_, relay_cpu) = stop_servers(&mut topo.servers)?;
-    let cpu = |i: usize| procs.get(i).and_then(Proc::cpu_secs);
-    let cpu = match ends {
-        Some((w, r)) => [cpu(w), cpu(r), relay_cpu],
-        None => [None, None, relay_cpu],
+    let cpu = |name: &str| {
+        procs
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(Proc::cpu_secs)
     };
+    let cpu = [cpu("writer"), cpu("reader"), relay_cpu];
     let text = std::fs::read_to_string(&samples)
         .with_context(|| format!("cannot read {}", samples.display()))?;
     let samples = text
