@@ -538,3 +538,163 @@ fn sigterm_stops_the_relay_gracefully() {
     }
     panic!("the relay did not start: {last}");
 }
+
+/// The stream name and entries (ID, payload of field `f`) of an XREAD answer of one stream, in
+/// RESP2 or RESP3 form.
+fn xread_one(r: &R) -> (String, Vec<(String, Vec<u8>)>) {
+    let R::Arr(Some(top)) = r else {
+        panic!("XREAD answered {r:?}")
+    };
+    let (key, entries) = match top.as_slice() {
+        // RESP3: a map of one stream.
+        [key @ R::Bulk(_), R::Arr(Some(entries))] => (key.text(), entries),
+        // RESP2: an array of [stream, entries].
+        [R::Arr(Some(pair))] => match pair.as_slice() {
+            [key, R::Arr(Some(entries))] => (key.text(), entries),
+            other => panic!("XREAD stream {other:?}"),
+        },
+        other => panic!("XREAD answered {other:?}"),
+    };
+    let entries = entries
+        .iter()
+        .map(|e| match e {
+            R::Arr(Some(pair)) => match pair.as_slice() {
+                [id, R::Arr(Some(fields))] => match fields.as_slice() {
+                    [R::Bulk(Some(f)), R::Bulk(Some(v))] if f == b"f" => (id.text(), v.clone()),
+                    other => panic!("entry fields {other:?}"),
+                },
+                other => panic!("entry {other:?}"),
+            },
+            other => panic!("entry {other:?}"),
+        })
+        .collect();
+    (key, entries)
+}
+
+fn wait_blocked(c: &mut Client, n: usize) {
+    let want = format!("blocked_clients:{n}\r");
+    wait_until(Duration::from_secs(10), "readers to block", || {
+        c.cmd(&["INFO", "clients"]).text().contains(&want)
+    });
+}
+
+/// An append answers a blocked reader from its own connection; that answer must still come
+/// after the replies the reader's connection owed before it and before those after it, whole,
+/// once, in the reader's protocol, whether the reader's socket takes it at once or not.
+#[test]
+fn answers_to_blocked_reads_keep_their_place_among_the_replies() {
+    let relay = TestRelay::start(RelayKind::Tube);
+    let port = relay.port;
+    let mut w = Client::connect(port);
+    // A reply a reader asked for before it blocked and left unread, so that when it blocks its
+    // socket is full or nearly. (Below the relay's limit of pending replies, which would stop
+    // it from running the requests after it until the reader reads.)
+    let mut unread_values = vec![Vec::new()];
+    let value = vec![b'b'; 200 * 1024];
+    w.send(&[b"SET", b"big", &value]);
+    assert_eq!(w.read().unwrap(), R::Simple("OK".into()));
+    unread_values.push(value);
+    let mut n = 0;
+    for proto in [2, 3] {
+        for size in [1, 200, 60 * 1024, 300 * 1024] {
+            for big in &unread_values {
+                n += 1;
+                let (s, other) = (format!("s{n}"), format!("o{n}"));
+                let mut r = Client::connect(port);
+                if proto == 3 {
+                    let R::Arr(Some(_)) = r.cmd(&["HELLO", "3"]) else {
+                        panic!("HELLO 3 refused")
+                    };
+                }
+                let mut pipelined: Vec<Vec<&[u8]>> = Vec::new();
+                if !big.is_empty() {
+                    pipelined.push(vec![b"GET", b"big"]);
+                }
+                pipelined.push(vec![b"SET", b"k", b"v"]);
+                pipelined.push(vec![
+                    b"XREAD",
+                    b"BLOCK",
+                    b"0",
+                    b"STREAMS",
+                    s.as_bytes(),
+                    other.as_bytes(),
+                    b"$",
+                    b"$",
+                ]);
+                pipelined.push(vec![b"PING"]);
+                for args in &pipelined {
+                    r.send(args);
+                }
+                wait_blocked(&mut w, 1);
+                let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+                w.send(&[b"XADD", s.as_bytes(), b"5-1", b"f", &payload]);
+                assert_eq!(w.read().unwrap(), R::Bulk(Some(b"5-1".to_vec())));
+                let case = format!("RESP{proto}, {size} bytes, {} unread before", big.len());
+                if !big.is_empty() {
+                    assert!(r.read().unwrap() == R::Bulk(Some(big.clone())), "{case}");
+                }
+                assert_eq!(r.read().unwrap(), R::Simple("OK".into()), "{case}");
+                let (key, entries) = xread_one(&r.read().unwrap());
+                assert_eq!(key, s, "{case}");
+                assert_eq!(entries, vec![("5-1".to_string(), payload)], "{case}");
+                assert_eq!(r.read().unwrap(), R::Simple("PONG".into()), "{case}");
+                // Answered once: an append on its other stream finds nobody waiting.
+                w.cmd(&["XADD", &other, "5-1", "f", "v"]);
+                assert_eq!(r.cmd(&["PING"]), R::Simple("PONG".into()), "{case}");
+                wait_blocked(&mut w, 0);
+            }
+        }
+    }
+}
+
+/// A reader that blocks again after each answer gets every append once and in order, small
+/// ones (answered by the append) and large ones (by the reader's own connection) alike, while
+/// several readers wait on the same stream.
+#[test]
+fn blocked_readers_get_every_append_once_and_in_order() {
+    let relay = TestRelay::start(RelayKind::Tube);
+    let port = relay.port;
+    let sizes: Vec<usize> = (0..300u64)
+        .map(|i| match i * 7919 % 10 {
+            0 => 150 * 1024,
+            1 | 2 => 20 * 1024,
+            _ => 1 + (i * 31 % 500) as usize,
+        })
+        .collect();
+    let total = sizes.len();
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port);
+                let mut last = "0-0".to_string();
+                let mut got = Vec::new();
+                while got.len() < total {
+                    let r = c.cmd(&["XREAD", "BLOCK", "0", "STREAMS", "s", &last]);
+                    let (_, entries) = xread_one(&r);
+                    last = entries.last().expect("an answer has entries").0.clone();
+                    got.extend(entries);
+                }
+                got
+            })
+        })
+        .collect();
+    let mut w = Client::connect(port);
+    wait_blocked(&mut w, 3);
+    let mut sent = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let id = format!("1-{}", i + 1);
+        let payload: Vec<u8> = (0..*size)
+            .map(|b| (b as u64 * 13 + i as u64) as u8)
+            .collect();
+        w.send(&[b"XADD", b"s", id.as_bytes(), b"f", &payload]);
+        assert_eq!(w.read().unwrap(), R::Bulk(Some(id.clone().into_bytes())));
+        sent.push((id, payload));
+    }
+    for reader in readers {
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), sent.len());
+        for (g, s) in got.iter().zip(&sent) {
+            assert!(g == s, "entry {} differs", s.0);
+        }
+    }
+}

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// The Redis version the relay answers as: the one whose command semantics it follows.
@@ -49,8 +50,29 @@ pub(crate) struct BlockSpec {
     pub deadline: Option<Instant>,
 }
 
-/// A blocked client: its ID and what wakes it.
-pub(crate) type Waiter = (u64, Arc<Notify>);
+/// A blocked client: its ID, what wakes it, and, once its connection has nothing else to
+/// send, how an append may answer it at once.
+#[derive(Clone)]
+pub(crate) struct Waiter {
+    pub id: u64,
+    pub notify: Arc<Notify>,
+    pub armed: Option<Arc<Armed>>,
+}
+
+/// What an append needs to answer a blocked reader itself: the reader's socket, its read and
+/// its protocol. Writing the answer there and then, on the appender's thread, takes the
+/// reader's own task (and on a relay of several threads, the wake-up of another thread) off
+/// the path from the append to the reader; the reader's task is still woken, to go on.
+pub(crate) struct Armed {
+    pub sock: Arc<TcpStream>,
+    pub spec: BlockSpec,
+    pub proto: u8,
+}
+
+/// Largest answer an append writes to a blocked reader itself. Larger ones (a reader that
+/// keeps up with a bulk transfer) are left to the reader's own task, so that copying them
+/// into the socket happens beside the appender's next request rather than after it.
+const DIRECT_MAX: usize = 64 * 1024;
 
 /// State shared by every connection, behind one mutex.
 pub(crate) struct State {
@@ -59,6 +81,9 @@ pub(crate) struct State {
     pub max_memory: usize,
     /// Clients blocked in XREAD, by (db, key): woken directly by XADD.
     pub waiters: HashMap<(usize, Bytes), Vec<Waiter>>,
+    /// Blocked clients an append answered, with what their sockets did not take yet: their
+    /// tasks send it before anything else.
+    pub answered: HashMap<u64, Out>,
     /// Connected clients, for CLIENT LIST and INFO.
     pub clients: HashMap<u64, ClientInfo>,
     pub next_client_id: u64,
@@ -87,6 +112,7 @@ impl State {
             ks: Keyspace::new(),
             max_memory,
             waiters: HashMap::new(),
+            answered: HashMap::new(),
             clients: HashMap::new(),
             next_client_id: 1,
             started: Instant::now(),
@@ -98,25 +124,86 @@ impl State {
         }
     }
 
-    /// Wakes every client blocked on a key.
-    fn wake(&mut self, db: usize, key: &Bytes) -> bool {
-        match self.waiters.remove(&(db, key.clone())) {
-            Some(list) => {
-                for (_, notify) in &list {
-                    notify.notify_one();
-                }
-                !list.is_empty()
-            }
-            None => false,
+    /// Wakes every client blocked on a key, answering those that are armed. Returns whether
+    /// some of them must still answer themselves.
+    fn wake(&mut self, db: usize, key: &Bytes, now: u64) -> bool {
+        let Some(list) = self.waiters.remove(&(db, key.clone())) else {
+            return false;
+        };
+        let mut left = false;
+        for waiter in list {
+            let sent = match &waiter.armed {
+                Some(armed) => self.answer(waiter.id, armed, now),
+                None => false,
+            };
+            left |= !sent;
+            waiter.notify.notify_one();
         }
+        left
+    }
+
+    /// Answers an armed waiter: builds its reply and, when that is small, writes what the
+    /// socket takes without waiting. The rest (all of a large reply) is kept in `answered`
+    /// for its task. Returns whether the reply went out whole.
+    fn answer(&mut self, id: u64, armed: &Armed, now: u64) -> bool {
+        let mut out = Out::new();
+        out.proto = armed.proto;
+        match xread_reply(&mut self.ks, &mut out, now, &armed.spec) {
+            Ok(true) => {}
+            // Nothing to say after all, or an error: the waiter's task finds out itself.
+            Ok(false) | Err(_) => return false,
+        }
+        if out.len() <= DIRECT_MAX {
+            loop {
+                let written = {
+                    let slices = out.slices();
+                    if slices.is_empty() {
+                        break;
+                    }
+                    armed.sock.try_write_vectored(&slices)
+                };
+                match written {
+                    Ok(n) if n > 0 => out.advance(n),
+                    // A full socket, or a failing one: its task writes the rest, or fails.
+                    _ => break,
+                }
+            }
+        }
+        self.unblock(id, &armed.spec);
+        let whole = out.is_empty();
+        self.answered.insert(id, out);
+        whole
     }
 
     /// Registers a blocked client on its keys.
-    pub fn block(&mut self, client: u64, notify: &Arc<Notify>, spec: &BlockSpec) {
+    pub fn block(
+        &mut self,
+        client: u64,
+        notify: &Arc<Notify>,
+        spec: &BlockSpec,
+        armed: Option<&Arc<Armed>>,
+    ) {
         for (key, _) in &spec.keys {
             let list = self.waiters.entry((spec.db, key.clone())).or_default();
-            if !list.iter().any(|(id, _)| *id == client) {
-                list.push((client, notify.clone()));
+            match list.iter_mut().find(|w| w.id == client) {
+                Some(w) => w.armed = armed.cloned(),
+                None => list.push(Waiter {
+                    id: client,
+                    notify: notify.clone(),
+                    armed: armed.cloned(),
+                }),
+            }
+        }
+    }
+
+    /// Arms a client that is still blocked on its keys, now that its connection has sent
+    /// everything before the blocked read. A client already woken stays as it is.
+    pub fn arm(&mut self, client: u64, spec: &BlockSpec, armed: &Arc<Armed>) {
+        for (key, _) in &spec.keys {
+            if let Some(list) = self.waiters.get_mut(&(spec.db, key.clone()))
+                && let Some(w) = list.iter_mut().find(|w| w.id == client)
+            {
+                w.armed = Some(armed.clone());
             }
         }
     }
@@ -126,7 +213,7 @@ impl State {
         for (key, _) in &spec.keys {
             let k = (spec.db, key.clone());
             if let Some(list) = self.waiters.get_mut(&k) {
-                list.retain(|(id, _)| *id != client);
+                list.retain(|w| w.id != client);
                 if list.is_empty() {
                     self.waiters.remove(&k);
                 }
@@ -1273,7 +1360,7 @@ fn xadd(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     match added {
         Some(Ok(id)) => {
             bulk_id(c.out, id);
-            c.cl.woke |= c.st.wake(db, key);
+            c.cl.woke |= c.st.wake(db, key, now);
             Ok(Flow::Continue)
         }
         Some(Err(e)) => {
@@ -1542,23 +1629,29 @@ fn xread(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
             .filter(|ms| *ms > 0)
             .map(|ms| Instant::now() + Duration::from_millis(ms)),
     };
-    if xread_reply(c, &spec)? {
+    if xread_reply(&mut c.st.ks, c.out, c.now, &spec)? {
         return Ok(Flow::Continue);
     }
     if block.is_none() {
         c.out.null_array();
         return Ok(Flow::Continue);
     }
-    c.st.block(c.cl.id, &c.cl.notify, &spec);
+    // Not armed yet: replies to earlier requests may still be waiting to be written.
+    c.st.block(c.cl.id, &c.cl.notify, &spec, None);
     Ok(Flow::Block(spec))
 }
 
 /// Writes the entries after each stream's ID, if any; returns whether it wrote a reply.
-fn xread_reply(c: &mut Ctx<'_>, spec: &BlockSpec) -> Result<bool, Reply> {
+fn xread_reply(
+    ks: &mut Keyspace,
+    out: &mut Out,
+    now: u64,
+    spec: &BlockSpec,
+) -> Result<bool, Reply> {
     let db = spec.db;
     let mut found = Vec::new();
     for (n, (key, after)) in spec.keys.iter().enumerate() {
-        let Some(s) = (match c.st.ks.get(db, key, c.now).map(|e| &e.value) {
+        let Some(s) = (match ks.get(db, key, now).map(|e| &e.value) {
             None => None,
             Some(Value::Stream(s)) => Some(s),
             Some(_) => return Err(WRONGTYPE.into()),
@@ -1575,7 +1668,6 @@ fn xread_reply(c: &mut Ctx<'_>, spec: &BlockSpec) -> Result<bool, Reply> {
     if found.is_empty() {
         return Ok(false);
     }
-    let out = &mut *c.out;
     if out.proto >= 3 {
         out.map(found.len());
     } else {
@@ -1583,7 +1675,7 @@ fn xread_reply(c: &mut Ctx<'_>, spec: &BlockSpec) -> Result<bool, Reply> {
     }
     for n in found {
         let (key, after) = &spec.keys[n];
-        let Some(Value::Stream(s)) = c.st.ks.get(db, key, c.now).map(|e| &e.value) else {
+        let Some(Value::Stream(s)) = ks.get(db, key, now).map(|e| &e.value) else {
             continue;
         };
         let start = after.next().unwrap_or(StreamId::MAX);
@@ -1598,39 +1690,38 @@ fn xread_reply(c: &mut Ctx<'_>, spec: &BlockSpec) -> Result<bool, Reply> {
 }
 
 /// Retries a blocked XREAD after a wake-up or its deadline; `timed_out` gives up if nothing
-/// is there. Returns whether the client is done waiting.
+/// is there. Returns whether the client is done waiting. An append that answered the client
+/// already left the rest of its answer, to be sent first. A client that waits on is armed
+/// again with `armed`.
 pub(crate) fn retry_block(
     st: &mut State,
     cl: &mut Client,
     out: &mut Out,
-    cfg: &Config<'_>,
     spec: &BlockSpec,
+    armed: Option<&Arc<Armed>>,
     now: u64,
     timed_out: bool,
 ) -> bool {
-    let mut ctx = Ctx {
-        st,
-        cl,
-        out,
-        cfg,
-        now,
-    };
-    let done = match xread_reply(&mut ctx, spec) {
+    if let Some(mut rest) = st.answered.remove(&cl.id) {
+        out.append(&mut rest);
+        return true;
+    }
+    let done = match xread_reply(&mut st.ks, out, now, spec) {
         Ok(true) => true,
         Ok(false) if timed_out => {
-            ctx.out.null_array();
+            out.null_array();
             true
         }
         Ok(false) => false,
         Err(e) => {
-            ctx.out.error(&e);
+            out.error(&e);
             true
         }
     };
     if done {
-        ctx.st.unblock(ctx.cl.id, spec);
+        st.unblock(cl.id, spec);
     } else {
-        ctx.st.block(ctx.cl.id, &ctx.cl.notify, spec);
+        st.block(cl.id, &cl.notify, spec, armed);
     }
     done
 }
@@ -1664,7 +1755,7 @@ fn info(c: &mut Ctx<'_>, args: &[Bytes]) -> CmdResult {
     }
     if show("clients") {
         let blocked: usize = {
-            let mut ids: Vec<u64> = st.waiters.values().flatten().map(|(id, _)| *id).collect();
+            let mut ids: Vec<u64> = st.waiters.values().flatten().map(|w| w.id).collect();
             ids.sort_unstable();
             ids.dedup();
             ids.len()

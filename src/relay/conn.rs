@@ -20,11 +20,13 @@ use super::{Shared, unix_ms};
 use bytes::{BufMut, BytesMut};
 use std::future::Future;
 use std::io;
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -53,15 +55,98 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'stat
 
     /// Reads what can be read now, without waiting: `WouldBlock` if nothing can.
     fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+
+    /// The socket, when other tasks may write to it directly (see [`cmd::Armed`]).
+    fn direct(&self) -> Option<Arc<TcpStream>> {
+        None
+    }
 }
 
-impl Transport for TcpStream {
+/// Plain TCP, shared with the appends that answer this client's blocked reads themselves.
+pub(crate) struct Tcp(pub Arc<TcpStream>);
+
+impl AsyncRead for Tcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            let want = buf.remaining();
+            let mut got = 0;
+            // A read shorter than asked for emptied the socket. Saying "would block" to
+            // `try_io` then forgets the readiness it came with, so the next read waits for new
+            // data instead of asking the kernel once more only to find none. (Readiness that
+            // arrived meanwhile is kept.)
+            let read = self.0.try_io(Interest::READABLE, || {
+                got = self.0.try_read_buf(buf)?;
+                if got > 0 && got < want {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match read {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if got > 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Tcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let shut = rustix::net::shutdown(&*self.0, rustix::net::Shutdown::Write);
+        Poll::Ready(shut.map_err(io::Error::from))
+    }
+}
+
+impl Transport for Tcp {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
-        TcpStream::readable(self)
+        self.0.readable()
     }
 
     fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        TcpStream::try_read_buf(self, buf)
+        self.0.try_read_buf(buf)
+    }
+
+    fn direct(&self) -> Option<Arc<TcpStream>> {
+        Some(self.0.clone())
     }
 }
 
@@ -264,13 +349,20 @@ impl<S: Transport> Conn<S> {
     /// Waits until a blocked XREAD can answer, times out, or the client goes away.
     async fn wait_block(&mut self, spec: BlockSpec) -> Result<(), End> {
         self.flush().await?;
+        let shared = self.shared.clone();
+        // Everything before the read is out: from now on an append may answer it itself.
+        let armed = self.sock.direct().map(|sock| {
+            Arc::new(cmd::Armed {
+                sock,
+                spec: spec.clone(),
+                proto: self.out.proto,
+            })
+        });
+        if let Some(armed) = &armed {
+            shared.lock().arm(self.client.id, &spec, armed);
+        }
         let notify = self.client.notify.clone();
         let deadline = spec.deadline.map(tokio::time::Instant::from_std);
-        let shared = self.shared.clone();
-        let cfg_password = shared.password;
-        let cfg = Config {
-            password: cfg_password.as_ref(),
-        };
         let result = loop {
             // Input that arrives meanwhile is kept for later, up to the free allowance; a
             // client that closes its end is noticed at once.
@@ -298,8 +390,8 @@ impl<S: Transport> Conn<S> {
                 &mut st,
                 &mut self.client,
                 &mut self.out,
-                &cfg,
                 &spec,
+                armed.as_ref(),
                 unix_ms(),
                 timed_out,
             ) {
@@ -307,7 +399,9 @@ impl<S: Transport> Conn<S> {
             }
         };
         if result.is_err() {
-            shared.lock().unblock(self.client.id, &spec);
+            let mut st = shared.lock();
+            st.unblock(self.client.id, &spec);
+            st.answered.remove(&self.client.id);
         }
         result
     }

@@ -224,7 +224,7 @@ pub async fn serve(
         let (shared, done, tls) = (shared.clone(), done_tx.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => conn::run(shared, sock, addr, id).await,
+                None => conn::run(shared, conn::Tcp(Arc::new(sock)), addr, id).await,
                 // The handshake runs here, not in the accept loop, so that a slow client
                 // delays nobody else.
                 Some(acceptor) => match tls::accept(&acceptor, sock, &shared.shutdown).await {

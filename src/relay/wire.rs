@@ -420,6 +420,21 @@ impl Out {
         self.raw(b"\r\n");
     }
 
+    /// Moves everything queued in `other` to the end of this queue.
+    pub fn append(&mut self, other: &mut Out) {
+        if other.is_empty() {
+            return;
+        }
+        if !self.cur.is_empty() {
+            self.segs.push_back(self.cur.split().freeze());
+        }
+        if !other.cur.is_empty() {
+            other.segs.push_back(other.cur.split().freeze());
+        }
+        self.segs.append(&mut other.segs);
+        self.len += std::mem::take(&mut other.len);
+    }
+
     /// The segments to write next, at most [`MAX_IOV`] of them.
     pub fn slices(&mut self) -> Vec<IoSlice<'_>> {
         if !self.cur.is_empty() {
@@ -594,6 +609,48 @@ mod tests {
         assert!(slices.iter().any(|s| s.as_ptr() == big.as_ptr()));
         let total: usize = slices.iter().map(|s| s.len()).sum();
         assert_eq!(total, out.len());
+    }
+
+    /// Everything queued, written out in small steps, as a slow socket would take it.
+    fn written(out: &mut Out) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        while !out.is_empty() {
+            let step: Vec<u8> = out.slices().iter().flat_map(|s| s.to_vec()).take(700).collect();
+            out.advance(step.len());
+            bytes.extend(step);
+        }
+        bytes
+    }
+
+    /// What an append leaves of a blocked reader's answer goes before that reader's next
+    /// replies, shared values and all, wherever the first write stopped.
+    #[test]
+    fn appended_replies_keep_their_order() {
+        let (a, b) = (Bytes::from(vec![1u8; 2000]), Bytes::from(vec![2u8; 3000]));
+        let queue = |out: &mut Out, first: &Bytes, n: i64| {
+            out.int(n);
+            out.bulk_shared(first);
+            out.ok();
+        };
+        for written_first in [0, 1, 700, 2010, 2015] {
+            let mut rest = Out::new();
+            queue(&mut rest, &a, 1);
+            let mut expected = Out::new();
+            queue(&mut expected, &a, 1);
+            let all_of_it = written(&mut expected);
+            let _ = rest.slices();
+            rest.advance(written_first);
+            let mut out = Out::new();
+            out.append(&mut rest);
+            assert!(rest.is_empty());
+            queue(&mut out, &b, 2);
+            let mut then = Out::new();
+            queue(&mut then, &b, 2);
+            let mut want = all_of_it[written_first..].to_vec();
+            want.extend(written(&mut then));
+            assert_eq!(out.len(), want.len());
+            assert_eq!(written(&mut out), want, "after {written_first} bytes");
+        }
     }
 
     #[test]
