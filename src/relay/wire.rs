@@ -615,7 +615,12 @@ mod tests {
     fn written(out: &mut Out) -> Vec<u8> {
         let mut bytes = Vec::new();
         while !out.is_empty() {
-            let step: Vec<u8> = out.slices().iter().flat_map(|s| s.to_vec()).take(700).collect();
+            let step: Vec<u8> = out
+                .slices()
+                .iter()
+                .flat_map(|s| s.to_vec())
+                .take(700)
+                .collect();
             out.advance(step.len());
             bytes.extend(step);
         }
