@@ -77,8 +77,8 @@ impl AsyncRead for Tcp {
             let mut got = 0;
             // A read shorter than asked for emptied the socket. Saying "would block" to
             // `try_io` then forgets the readiness it came with, so the next read waits for new
-            // data instead of asking the kernel once more only to find none. (Readiness that
-            // arrived meanwhile is kept.)
+            // data instead of asking the kernel once more only to find none, as tokio's own
+            // `TcpStream` does. (Readiness that arrived meanwhile is kept.)
             let read = self.0.try_io(Interest::READABLE, || {
                 got = self.0.try_read_buf(buf)?;
                 if got > 0 && got < want {
