@@ -52,7 +52,6 @@ pub(crate) struct BlockSpec {
 
 /// A blocked client: its ID, what wakes it, and, once its connection has nothing else to
 /// send, how an append may answer it at once.
-#[derive(Clone)]
 pub(crate) struct Waiter {
     pub id: u64,
     pub notify: Arc<Notify>,

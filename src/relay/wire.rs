@@ -365,15 +365,20 @@ impl Out {
         self.raw(b"\r\n");
     }
 
+    /// Ends the segment being gathered, so that what is queued next goes after it.
+    fn seal(&mut self) {
+        if !self.cur.is_empty() {
+            self.segs.push_back(self.cur.split().freeze());
+        }
+    }
+
     /// A bulk string from the data set: large ones are queued without copying.
     pub fn bulk_shared(&mut self, b: &Bytes) {
         if b.len() < SHARE_AT {
             return self.bulk(b);
         }
         self.line(b'$', b.len() as i64);
-        if !self.cur.is_empty() {
-            self.segs.push_back(self.cur.split().freeze());
-        }
+        self.seal();
         self.segs.push_back(b.clone());
         self.len += b.len();
         self.raw(b"\r\n");
@@ -425,21 +430,15 @@ impl Out {
         if other.is_empty() {
             return;
         }
-        if !self.cur.is_empty() {
-            self.segs.push_back(self.cur.split().freeze());
-        }
-        if !other.cur.is_empty() {
-            other.segs.push_back(other.cur.split().freeze());
-        }
+        self.seal();
+        other.seal();
         self.segs.append(&mut other.segs);
         self.len += std::mem::take(&mut other.len);
     }
 
     /// The segments to write next, at most [`MAX_IOV`] of them.
     pub fn slices(&mut self) -> Vec<IoSlice<'_>> {
-        if !self.cur.is_empty() {
-            self.segs.push_back(self.cur.split().freeze());
-        }
+        self.seal();
         self.segs
             .iter()
             .take(MAX_IOV)
