@@ -42,15 +42,6 @@ fn reported_offset(admin: &mut redis::Connection, channel: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Clients of the relay waiting in a blocking read.
-fn blocked_clients(admin: &mut redis::Connection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("clients").query(admin).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("blocked_clients:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("INFO clients tells blocked_clients")
-}
-
 /// Starts a reader of `channel` behind `proxy` (with `-vv` and `extra`) and a writer (behind
 /// the proxy too when `far_writer`), writes `first`, and waits until the reader reported all
 /// of it: it has caught up and follows the writer.

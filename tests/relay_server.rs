@@ -6,7 +6,10 @@
 
 mod common;
 
-use common::{Proc, RelayKind, RelaySpec, TestRelay, read_all, tube_bin, wait_until, write_all};
+use common::{
+    Proc, RelayKind, RelaySpec, TestRelay, blocked_clients, read_all, tube_bin, wait_until,
+    write_all,
+};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;
@@ -479,11 +482,7 @@ fn blocked_readers_are_woken_by_appends() {
         (r, started.elapsed())
     });
     let mut w = Client::connect(port);
-    wait_until(Duration::from_secs(10), "the reader to block", || {
-        w.cmd(&["INFO", "clients"])
-            .text()
-            .contains("blocked_clients:1")
-    });
+    wait_blocked(&relay, 1);
     assert_eq!(
         w.cmd(&["XADD", "late", "7-1", "f", "v"]),
         R::Bulk(Some(b"7-1".to_vec()))
@@ -571,10 +570,10 @@ fn xread_one(r: &R) -> (String, Vec<(String, Vec<u8>)>) {
     (key, entries)
 }
 
-fn wait_blocked(c: &mut Client, n: usize) {
-    let want = format!("blocked_clients:{n}\r");
+fn wait_blocked(relay: &TestRelay, n: u64) {
+    let mut admin = relay.admin();
     wait_until(Duration::from_secs(10), "readers to block", || {
-        c.cmd(&["INFO", "clients"]).text().contains(&want)
+        blocked_clients(&mut admin) == n
     });
 }
 
@@ -625,7 +624,7 @@ fn answers_to_blocked_reads_keep_their_place_among_the_replies() {
                 for args in &pipelined {
                     r.send(args);
                 }
-                wait_blocked(&mut w, 1);
+                wait_blocked(&relay, 1);
                 let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
                 w.send(&[b"XADD", s.as_bytes(), b"5-1", b"f", &payload]);
                 assert_eq!(w.read().unwrap(), R::Bulk(Some(b"5-1".to_vec())));
@@ -641,7 +640,7 @@ fn answers_to_blocked_reads_keep_their_place_among_the_replies() {
                 // Answered once: an append on its other stream finds nobody waiting.
                 w.cmd(&["XADD", &other, "5-1", "f", "v"]);
                 assert_eq!(r.cmd(&["PING"]), R::Simple("PONG".into()), "{case}");
-                wait_blocked(&mut w, 0);
+                wait_blocked(&relay, 0);
             }
         }
     }
@@ -679,7 +678,7 @@ fn blocked_readers_get_every_append_once_and_in_order() {
         })
         .collect();
     let mut w = Client::connect(port);
-    wait_blocked(&mut w, 3);
+    wait_blocked(&relay, 3);
     let mut sent = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let id = format!("1-{}", i + 1);

@@ -475,6 +475,15 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Clients of the relay waiting in a blocking read.
+pub fn blocked_clients(admin: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("clients").query(admin).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO clients tells blocked_clients")
+}
+
 /// Waits until the channel's latest session has a begin record (the writer is running).
 pub fn wait_for_session(relay: &TestRelay, channel: &str) {
     let mut admin = relay.admin();
