@@ -223,14 +223,33 @@ impl Link {
     /// Sends one request. A failure is not returned here but as the answer to this and every
     /// later request, so that the caller handles it in one place, in order.
     pub(crate) async fn send(&mut self, frame: &Frame) {
+        self.send_requests(frame, 1).await;
+    }
+
+    /// Sends requests without bodies in one write, so that the relay takes them in one go.
+    pub(crate) async fn send_all(&mut self, frames: &[Frame]) {
+        let mut wire = BytesMut::new();
+        for frame in frames {
+            debug_assert!(frame.body.is_empty(), "only bodiless requests are joined");
+            wire.put_slice(&frame.head);
+        }
+        let joined = Frame {
+            head: wire.freeze(),
+            body: Bytes::new(),
+        };
+        self.send_requests(&joined, frames.len()).await;
+    }
+
+    /// Sends `frame`, which holds `requests` requests.
+    async fn send_requests(&mut self, frame: &Frame, requests: usize) {
         if self.broken.is_some() {
-            self.outstanding += 1;
+            self.outstanding += requests;
             return;
         }
         if self.outstanding == 0 {
             self.due = Instant::now() + COMMAND_TIMEOUT;
         }
-        self.outstanding += 1;
+        self.outstanding += requests;
         let written = tokio::time::timeout(COMMAND_TIMEOUT, write_frame(&mut self.io, frame)).await;
         let failure = match written {
             Ok(Ok(())) => return,

@@ -21,7 +21,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -97,6 +97,9 @@ struct Shared {
     lag: AtomicU64,
     position: Mutex<Option<Position>>,
     session: AtomicU64,
+    /// Set before the registration is removed: a heartbeat after the removal would bring it
+    /// back, for a reader that is gone.
+    leaving: AtomicBool,
 }
 
 enum Event {
@@ -137,6 +140,7 @@ impl Drop for Reader {
     fn drop(&mut self) {
         self.task.abort();
         self.heartbeat.abort();
+        self.shared.leaving.store(true, Ordering::Relaxed);
         if self.closed {
             return;
         }
@@ -295,6 +299,9 @@ impl Reader {
             tailing: false,
             tail_retry: None,
             last_report: Instant::now(),
+            tail_window: 0,
+            tail_refill: 0,
+            report_bytes: 0,
             batch_bytes: opts.batch_bytes.max(1),
             secret: opts.secret,
             shared: shared.clone(),
@@ -350,6 +357,7 @@ impl Reader {
     /// than when it expires).
     pub async fn close(mut self) {
         self.heartbeat.abort();
+        self.shared.leaving.store(true, Ordering::Relaxed);
         self.closed = true;
         if self.finished {
             // The fetch task ended the stream and is removing the registration now.
@@ -470,6 +478,9 @@ async fn heartbeat(registration: Registration, shared: Arc<Shared>) {
     let channel = registration.channel.clone();
     loop {
         tokio::time::sleep(READER_HEARTBEAT).await;
+        if shared.leaving.load(Ordering::Relaxed) {
+            return;
+        }
         let position = *shared.position.lock().expect("not poisoned");
         let mut pipe = redis::pipe();
         if let Some(p) = &position {
@@ -519,14 +530,21 @@ type Answered = (Instant, Result<Vec<Value>>);
 
 /// Most reads a tail keeps waiting on the relay.
 const MAX_TAIL: u64 = 256;
+/// Most bytes of replies a tail keeps waiting for on a near relay, where the reads need
+/// only cover the reader's own pauses, not a round trip.
+const NEAR_TAIL_BYTES: u64 = 4 << 20;
 /// What an `XREAD` answer of one record adds to the record: the arrays, the stream's name
 /// (at most a few hundred bytes), the ID and the field.
 const MAX_ANSWER_OVERHEAD: usize = 1024;
 /// How long a reader waits before it tries again to open a tail connection that failed.
 const TAIL_RETRY: Duration = Duration::from_secs(10);
-/// Least time between two reports of the position while tailing: the writer looks at it
-/// every few milliseconds at most.
+/// Least time between two reports of the position: the writer looks at it every few
+/// milliseconds at most.
 const REPORT_GAP: Duration = Duration::from_millis(2);
+/// Longest a reader that follows a session keeps its progress to itself while that stays
+/// under [`Fetcher::report_bytes`]: the writer needs it only to free room in its budget, and
+/// each report costs the relay and the reader a wake-up.
+const REPORT_EVERY: Duration = Duration::from_millis(50);
 
 /// Bytes asked for in one read-ahead request: small enough that the window slides smoothly.
 const RANGE_BYTES: u64 = 1 << 20;
@@ -621,6 +639,19 @@ struct Fetcher {
     tail_retry: Option<Instant>,
     /// When the position was last sent on its own (while tailing).
     last_report: Instant,
+    /// Reads kept waiting on the relay while following the session; 0 when the replies
+    /// they may hold do not fit the room the writer keeps free.
+    tail_window: u64,
+    /// The reads are topped up once no more than this many wait: on a distant relay after
+    /// each answer, since the window only just covers the round trip; on a near one once
+    /// half of them were answered, so that the relay hears from the reader once per half
+    /// window rather than once per record.
+    tail_refill: u64,
+    /// Progress, in bytes, that a following reader reports at once. On a near relay a
+    /// sixteenth of the budget, so that a writer waiting for room never waits on a report
+    /// for long; on a distant one every record, since the writer learns of it a round trip
+    /// late all the same.
+    report_bytes: u64,
     batch_bytes: usize,
     secret: Option<Secret>,
     shared: Arc<Shared>,
@@ -635,6 +666,7 @@ impl Fetcher {
         };
         // The consumer finishes its output while the relay forgets this reader.
         let _ = self.tx.send(event).await;
+        self.shared.leaving.store(true, Ordering::Relaxed);
         self.registration.clone().remove().await;
     }
 
@@ -649,7 +681,7 @@ impl Fetcher {
                 self.tailing = true;
                 continue;
             }
-            if self.tailing && self.ahead.max > 0 {
+            if self.tailing && self.tail_window > 0 {
                 self.tailing = false;
                 if let Step::Done = self.tail().await? {
                     return Ok(());
@@ -777,13 +809,15 @@ impl Fetcher {
         }
     }
 
-    /// Follows the open session on a distant relay once the reader has caught up: keeps a
-    /// blocking read for each of the next records waiting on the relay (`XREAD COUNT 1 BLOCK 0`
-    /// after the record before it: the IDs are dense, so every read names its record), on a
+    /// Follows the open session once the reader has caught up: keeps a blocking read for
+    /// each of the next records waiting on the relay (`XREAD COUNT 1 BLOCK 0` after the
+    /// record before it: the IDs are dense, so every read names its record), on a
     /// connection of their own, which the relay serves in order. Each record then leaves the
-    /// relay as it lands, instead of waiting there for the reader's next request, and the
-    /// reader asks for another as each arrives. Its position goes out on the main connection
-    /// as it goes, since the tail connection answers nothing else before its reads.
+    /// relay as it lands, instead of waiting there for the reader's next request (a round
+    /// trip on a distant relay). On a near relay the reader says nothing to the relay per
+    /// record either (see [`Fetcher::tail_refill`] and [`Fetcher::report_bytes`]), so that
+    /// per record the relay wakes once, for the append. The position goes out on the main
+    /// connection, since the tail connection answers nothing else before its reads.
     ///
     /// Returns, dropping that connection and the reads waiting on it, when the session ends,
     /// when an answer is not the record it asked for (trimmed records, a new session), on any
@@ -808,7 +842,7 @@ impl Fetcher {
                 return Ok(Step::Continue);
             }
         };
-        let window = self.ahead.max.min(MAX_TAIL);
+        let window = self.tail_window;
         tracing::debug!("following the session with {window} reads waiting on the relay");
         let key = self.channel.stream_key();
         let tick = BLOCK.max(self.rtt * 4);
@@ -816,28 +850,30 @@ impl Fetcher {
         let mut next = q.saturating_add(1);
         let mut want = next;
         self.report_now();
+        let mut reads = Vec::new();
         loop {
-            while next - want < window {
-                let after = record::entry_id(s, next - 1);
-                link.send(&Frame::command(&[
-                    b"XREAD",
-                    b"COUNT",
-                    b"1",
-                    b"BLOCK",
-                    b"0",
-                    b"STREAMS",
-                    key.as_bytes(),
-                    after.as_bytes(),
-                ]))
-                .await;
-                next += 1;
+            if next - want <= self.tail_refill {
+                while next - want < window {
+                    let after = record::entry_id(s, next - 1);
+                    reads.push(Frame::command(&[
+                        b"XREAD",
+                        b"COUNT",
+                        b"1",
+                        b"BLOCK",
+                        b"0",
+                        b"STREAMS",
+                        key.as_bytes(),
+                        after.as_bytes(),
+                    ]));
+                    next += 1;
+                }
+                link.send_all(&reads).await;
+                reads.clear();
             }
-            // A position held back by the gap goes out when the gap is over: the writer may be
-            // waiting for it, and send nothing until it comes.
-            let held_back = self.reported != *self.shared.position.lock().expect("not poisoned");
+            let report = self.report_due();
             let answer = tokio::select! {
                 answer = link.answer() => answer,
-                () = tokio::time::sleep_until((self.last_report + REPORT_GAP).into()), if held_back => {
+                () = tokio::time::sleep_until(report.unwrap_or_else(Instant::now).into()), if report.is_some() => {
                     self.report_now();
                     continue;
                 }
@@ -872,8 +908,28 @@ impl Fetcher {
                 return Ok(Step::Continue);
             }
             want += 1;
-            self.report_now();
+            if self.report_due().is_some_and(|due| due <= Instant::now()) {
+                self.report_now();
+            }
         }
+    }
+
+    /// When the position should next go out while following a session; `None` when the
+    /// relay has it already. Progress of [`Fetcher::report_bytes`] goes out as soon as the
+    /// gap allows (the writer may be waiting for that room, and send nothing until it comes);
+    /// less waits [`REPORT_EVERY`].
+    fn report_due(&self) -> Option<Instant> {
+        let position = (*self.shared.position.lock().expect("not poisoned"))?;
+        let unreported = match self.reported {
+            Some(r) if r == position => return None,
+            Some(r) if r.session == position.session => position.offset.saturating_sub(r.offset),
+            _ => u64::MAX,
+        };
+        Some(if unreported >= self.report_bytes {
+            self.last_report + REPORT_GAP
+        } else {
+            self.last_report + REPORT_EVERY
+        })
     }
 
     /// After a while without an answer on the tail connection: whether to give it up, because
@@ -1452,8 +1508,20 @@ impl Fetcher {
         // Replies are copies of held records while the relay sends them: stay within the
         // part of the channel's budget the writer keeps free for them.
         self.count = crate::writer::reader_batch(begin.max_backlog, max_payload, self.batch_bytes);
+        let ahead = Ahead::new(begin.max_backlog, max_payload, self.count as u64);
         if self.far() {
-            self.ahead = Ahead::new(begin.max_backlog, max_payload, self.count as u64);
+            self.tail_window = ahead.max.min(MAX_TAIL);
+            self.tail_refill = self.tail_window.saturating_sub(1);
+            self.report_bytes = 0;
+            self.ahead = ahead;
+        } else {
+            let near = NEAR_TAIL_BYTES / crate::writer::reply_cost(max_payload);
+            self.tail_window = ahead.max.min(near.max(2));
+            self.tail_refill = self.tail_window / 2;
+            self.report_bytes = match begin.max_backlog {
+                0 => MAX_AHEAD_BYTES,
+                budget => budget,
+            } / 16;
         }
         self.session = Some(SessionState {
             id,

@@ -523,3 +523,78 @@ fn progress_is_shown_on_a_terminal() {
     let q = run(&format!("{tube} read --no-progress prog > /dev/null"));
     assert!(!String::from_utf8_lossy(&q.stdout).contains("MiB"));
 }
+
+/// A reader that follows a session tells the relay where it is a few times a second, and
+/// asks for records several at a time, not after every record: each request wakes the relay
+/// and the reader. Counted with the relay's keyspace notifications and its count of reads
+/// from sockets, which only redis-server has.
+#[test]
+fn a_following_reader_talks_to_the_relay_a_few_times_a_second() {
+    let relay = TestRelay::start(RelayKind::Redis);
+    let mut admin = relay.admin();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .exec(&mut admin)
+        .unwrap();
+    let mut sub = redis::Client::open(relay.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut sub = sub.as_pubsub();
+    sub.psubscribe("__keyspace@0__:tube:{paced}:reader:*")
+        .unwrap();
+    sub.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+
+    let reader = Proc::spawn(relay.tube(&["read", "paced"]));
+    wait_registered(&relay, "paced");
+    let socket_reads =
+        |admin: &mut redis::Connection| info_field(admin, "stats", "total_reads_processed");
+    let reads_before = socket_reads(&mut admin);
+    let mut writer = Proc::spawn(relay.tube(&["write", "paced"]));
+    // Each message its own record: the writer sends at once what it has.
+    const MESSAGES: usize = 200;
+    let mut sent = Vec::new();
+    for i in 0..MESSAGES {
+        let msg = format!("message {i:04}\n");
+        writer.stdin().write_all(msg.as_bytes()).unwrap();
+        writer.stdin().flush().unwrap();
+        sent.extend_from_slice(msg.as_bytes());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    writer.close_stdin();
+    let w = writer.wait(Duration::from_secs(30));
+    let r = reader.wait(Duration::from_secs(30));
+    assert_eq!(w.code(), Some(0), "{}", w.stderr);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    assert!(r.stdout == sent, "the output differs from the input");
+    let socket_reads = socket_reads(&mut admin) - reads_before;
+    let records = record_values(&mut admin, "paced").len();
+    assert!(
+        records >= MESSAGES / 2,
+        "{records} records for {MESSAGES} messages"
+    );
+
+    let mut reports = 0;
+    while let Ok(msg) = sub.get_message() {
+        if msg.get_payload::<String>().unwrap() == "set" {
+            reports += 1;
+        }
+    }
+    eprintln!("{reports} position reports and {socket_reads} socket reads for {records} records");
+    // Each append is a read of its own; the reader's requests add a few more.
+    assert!(
+        socket_reads as usize * 2 <= records * 3,
+        "the relay read from its sockets {socket_reads} times for {records} records"
+    );
+    assert!(
+        reports >= 2,
+        "the reader reported its position {reports} times"
+    );
+    assert!(
+        reports * 4 <= records,
+        "the reader reported its position {reports} times for {records} records"
+    );
+}

@@ -396,8 +396,9 @@ enum Disaster {
 /// carries on.
 fn lost_mid_session(kind: RelayKind, disaster: Disaster) {
     let mut relay = TestRelay::start(kind);
-    // The second part is more than one read's worth, so the relay cannot have handed all of
-    // it to the stopped reader.
+    // The second part is more than the reader asks for at once (one read's worth, or the
+    // reads a following reader keeps waiting), so the relay cannot have handed all of it to
+    // the stopped reader.
     let data = random_bytes(12 << 20, 74);
     let (a1, a2) = (1 << 20, 10 << 20);
     let (reader, mut writer) = stopped_reader(&relay, "lossy", &data[..a1], "10s");
