@@ -139,8 +139,7 @@ pub struct Reader {
 impl Drop for Reader {
     fn drop(&mut self) {
         self.task.abort();
-        self.heartbeat.abort();
-        self.shared.leaving.store(true, Ordering::Relaxed);
+        self.stop_heartbeat();
         if self.closed {
             return;
         }
@@ -300,7 +299,6 @@ impl Reader {
             tail_retry: None,
             last_report: Instant::now(),
             tail_window: 0,
-            tail_refill: 0,
             report_bytes: 0,
             batch_bytes: opts.batch_bytes.max(1),
             secret: opts.secret,
@@ -356,8 +354,7 @@ impl Reader {
     /// Stops reading and removes the reader's registration from the relay at once (rather
     /// than when it expires).
     pub async fn close(mut self) {
-        self.heartbeat.abort();
-        self.shared.leaving.store(true, Ordering::Relaxed);
+        self.stop_heartbeat();
         self.closed = true;
         if self.finished {
             // The fetch task ended the stream and is removing the registration now.
@@ -366,6 +363,13 @@ impl Reader {
         }
         self.task.abort();
         self.registration.clone().remove_now().await;
+    }
+
+    /// Stops the heartbeat for good, before the registration is removed. The flag covers a
+    /// heartbeat running on another thread, which the abort reaches only at its next pause.
+    fn stop_heartbeat(&self) {
+        self.heartbeat.abort();
+        self.shared.leaving.store(true, Ordering::Relaxed);
     }
 
     fn end(&mut self, event: Option<Result<Event>>) -> Result<Option<Bytes>> {
@@ -642,11 +646,6 @@ struct Fetcher {
     /// Reads kept waiting on the relay while following the session; 0 when the replies
     /// they may hold do not fit the room the writer keeps free.
     tail_window: u64,
-    /// The reads are topped up once no more than this many wait: on a distant relay after
-    /// each answer, since the window only just covers the round trip; on a near one once
-    /// half of them were answered, so that the relay hears from the reader once per half
-    /// window rather than once per record.
-    tail_refill: u64,
     /// Progress, in bytes, that a following reader reports at once. On a near relay a
     /// sixteenth of the budget, so that a writer waiting for room never waits on a report
     /// for long; on a distant one every record, since the writer learns of it a round trip
@@ -815,8 +814,8 @@ impl Fetcher {
     /// connection of their own, which the relay serves in order. Each record then leaves the
     /// relay as it lands, instead of waiting there for the reader's next request (a round
     /// trip on a distant relay). On a near relay the reader says nothing to the relay per
-    /// record either (see [`Fetcher::tail_refill`] and [`Fetcher::report_bytes`]), so that
-    /// per record the relay wakes once, for the append. The position goes out on the main
+    /// record either (see `refill` below and [`Fetcher::report_bytes`]), so that per record
+    /// the relay wakes once, for the append. The position goes out on the main
     /// connection, since the tail connection answers nothing else before its reads.
     ///
     /// Returns, dropping that connection and the reads waiting on it, when the session ends,
@@ -843,6 +842,15 @@ impl Fetcher {
             }
         };
         let window = self.tail_window;
+        // The reads are topped up once no more than this many wait: on a distant relay after
+        // each answer, since the window only just covers the round trip; on a near one once
+        // half of them were answered, so that the relay hears from the reader once per half
+        // window rather than once per record.
+        let refill = if self.far() {
+            window.saturating_sub(1)
+        } else {
+            window / 2
+        };
         tracing::debug!("following the session with {window} reads waiting on the relay");
         let key = self.channel.stream_key();
         let tick = BLOCK.max(self.rtt * 4);
@@ -852,7 +860,7 @@ impl Fetcher {
         self.report_now();
         let mut reads = Vec::new();
         loop {
-            if next - want <= self.tail_refill {
+            if next - want <= refill {
                 while next - want < window {
                     let after = record::entry_id(s, next - 1);
                     reads.push(Frame::command(&[
@@ -1511,13 +1519,11 @@ impl Fetcher {
         let ahead = Ahead::new(begin.max_backlog, max_payload, self.count as u64);
         if self.far() {
             self.tail_window = ahead.max.min(MAX_TAIL);
-            self.tail_refill = self.tail_window.saturating_sub(1);
             self.report_bytes = 0;
             self.ahead = ahead;
         } else {
             let near = NEAR_TAIL_BYTES / crate::writer::reply_cost(max_payload);
             self.tail_window = ahead.max.min(near.max(2));
-            self.tail_refill = self.tail_window / 2;
             self.report_bytes = match begin.max_backlog {
                 0 => MAX_AHEAD_BYTES,
                 budget => budget,
